@@ -1,0 +1,18 @@
+"""tga/errors.py
+
+The project's error types. Every error a user can cause (bad record, missing file, contradictory
+options) is a `TGAError` subclass whose message names the record, file or option, so that the CLI can
+print it cleanly instead of a traceback.
+"""
+
+
+class TGAError(Exception):
+    """Base class of errors caused by user input or configuration."""
+
+
+class ConfigError(TGAError):
+    """An option or combination of options is invalid (message names the option)."""
+
+
+class DataError(TGAError):
+    """A data record or file is invalid (message names the record id and/or the file)."""
