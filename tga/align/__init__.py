@@ -1,0 +1,31 @@
+"""tga/align
+
+The pure-torch core of TGA: pooling of hidden states by token masks, the guide loss in its paper,
+released and contrastive forms, the running caption centre, the alignment-specificity diagnostic, and
+the choice of target layers. The trainer pools the training pass's image (and retrieved-text) states and
+the caption pass's states with `pool_layers`, then adds `guide_loss` to the language-modelling loss.
+"""
+
+from tga.align.centering import CaptionCenter
+from tga.align.layers import auto_band, load_activation_layer, parse_layer_spec
+from tga.align.metrics import apply_center, cosine_matrix, paired_cosine, specificity
+from tga.align.pooling import masked_mean, pool_layers
+from tga.align.tga_loss import DEFAULT_WEIGHTS, FORMS, GuideTerms, guide_loss, guide_terms
+
+__all__ = [
+    "DEFAULT_WEIGHTS",
+    "FORMS",
+    "CaptionCenter",
+    "GuideTerms",
+    "apply_center",
+    "auto_band",
+    "cosine_matrix",
+    "guide_loss",
+    "guide_terms",
+    "load_activation_layer",
+    "masked_mean",
+    "paired_cosine",
+    "parse_layer_spec",
+    "pool_layers",
+    "specificity",
+]
