@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "peft==0.21.2",
     "safetensors==0.8.0",
     "sentencepiece==0.2.3",
+    "mistral-common==1.13.1",  # ships the real Mistral-7B tokenizer used by the tiny recipes and tests
     "protobuf==7.36.2",
     "einops==0.8.2",
     "pillow",
@@ -35,7 +36,6 @@ EXTRAS_REQUIRE = {
         "pytest==9.2.0",
         "pytest-xdist==3.8.0",
         "ruff==0.17.5",
-        "mistral-common==1.13.1",  # ships the real Mistral-7B sentencepiece tokenizer used by tests
         "tensorboard==2.21.0",
     ],
 }

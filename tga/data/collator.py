@@ -1,0 +1,52 @@
+"""tga/data/collator.py
+
+Pads a list of samples into a batch. Besides input_ids / labels / attention_mask / pixel_values the batch carries
+the TGA spans: `image_mask` and `retrieved_mask` over the training sequence, and a caption batch
+(`caption_input_ids`, `caption_attention_mask`, `caption_mask`) holding the caption-only text of the samples that
+enter the guide loss, whose positions in the main batch are `guide_index`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tga.data.tokenize import IGNORE_INDEX
+
+
+def pad(sequences: list[torch.Tensor], value, dtype=None) -> torch.Tensor:
+    """Right-pad 1-D tensors to one length (training never needs left padding)."""
+    width = max(sequence.numel() for sequence in sequences)
+    out = torch.full((len(sequences), width), value, dtype=dtype or sequences[0].dtype)
+    for row, sequence in enumerate(sequences):
+        out[row, : sequence.numel()] = sequence
+    return out
+
+
+@dataclass
+class VLMCollator:
+    pad_token_id: int
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        input_ids = pad([s["input_ids"] for s in samples], self.pad_token_id)
+        batch = {
+            "input_ids": input_ids,
+            "labels": pad([s["labels"] for s in samples], IGNORE_INDEX),
+            "attention_mask": pad([torch.ones_like(s["input_ids"], dtype=torch.bool) for s in samples], False),
+            "image_mask": pad([s["image_mask"] for s in samples], False),
+            "retrieved_mask": pad([s["retrieved_mask"] for s in samples], False),
+        }
+        images = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+        if images:
+            # Images are stacked in sample order: HF Llava scatters them into the image-token positions in that order.
+            batch["pixel_values"] = torch.stack(images)
+        guided = [row for row, sample in enumerate(samples) if sample.get("guide")]
+        if guided:
+            batch["guide_index"] = torch.tensor(guided, dtype=torch.long)
+            batch["caption_input_ids"] = pad([samples[row]["caption_input_ids"] for row in guided], self.pad_token_id)
+            batch["caption_attention_mask"] = pad(
+                [torch.ones_like(samples[row]["caption_input_ids"], dtype=torch.bool) for row in guided], False
+            )
+            batch["caption_mask"] = pad([samples[row]["caption_mask"] for row in guided], False)
+        return batch

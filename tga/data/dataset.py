@@ -1,0 +1,133 @@
+"""tga/data/dataset.py
+
+The lazy multimodal dataset: a validated record becomes model inputs only when it is fetched. Images are read
+from `image_folder`, padded to a square with the processor's mean colour (`image_aspect_ratio pad`) and normalised;
+the conversation is rendered by the stage's template (with the retrieved text in the first user turn when asked)
+and tokenized with exact spans. For TGA, the caption is also rendered alone under the same system prompt: the
+caption-only text pass whose hidden states are the alignment target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from tga.data.records import Record, resolve_image_path
+from tga.data.templates import Message, PromptTemplate
+from tga.data.tokenize import EncodingError, encode_segments
+from tga.errors import DataError
+
+IMAGE_TOKEN_LENGTH_ESTIMATE = 128  # LLaVA's length proxy for an image when grouping by length
+
+
+def pad_to_square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), background)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def leak_guarded(retrieved: str | None, caption: str | None) -> str | None:
+    """Retrieved text identical to the caption would hand the target to the model: keep only its first half."""
+    if retrieved is None or caption is None or " ".join(retrieved.lower().split()) != " ".join(caption.lower().split()):
+        return retrieved
+    words = retrieved.split()
+    return " ".join(words[: max(1, len(words) // 2)])
+
+
+@dataclass
+class SampleBuilder:
+    """Everything needed to turn a record into tensors (shared by training, analysis and evaluation)."""
+
+    tokenizer: PreTrainedTokenizerBase
+    template: PromptTemplate
+    image_processor: object | None
+    image_folder: str | None
+    image_token_id: int
+    num_image_tokens: int
+    max_length: int | None = None
+    image_aspect_ratio: str = "pad"  # "pad" | "resize" (processor default: resize + centre crop)
+    use_retrieved: bool = False  # put R into the prompt (TGA stage 2 training)
+    caption_target: bool = False  # also build the caption-only pass (TGA)
+
+    def load_image(self, record: Record) -> torch.Tensor:
+        path = resolve_image_path(self.image_folder, record.image, record.id)
+        try:
+            with Image.open(path) as handle:
+                image = handle.convert("RGB")
+        except FileNotFoundError as error:
+            raise DataError(f"record {record.id!r}: image file not found: {path}") from error
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+            raise DataError(f"record {record.id!r}: cannot decode image {path}: {error}") from error
+        return self.process_image(image)
+
+    def process_image(self, image: Image.Image) -> torch.Tensor:
+        if self.image_aspect_ratio == "pad":
+            mean = getattr(self.image_processor, "image_mean", [0.5, 0.5, 0.5])
+            image = pad_to_square(image, tuple(int(channel * 255) for channel in mean))
+        return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    def encode(self, segments, record_id: str):
+        try:
+            return encode_segments(
+                segments, self.tokenizer, image_token_id=self.image_token_id,
+                num_image_tokens=self.num_image_tokens, max_length=self.max_length,
+            )
+        except EncodingError as error:
+            raise DataError(f"record {record_id!r}: {error}") from error
+
+    def build(self, record: Record) -> dict:
+        has_image = record.image is not None
+        retrieved = leak_guarded(record.retrieved, record.caption) if self.use_retrieved else None
+        segments = self.template.render(list(record.messages), has_image=has_image, retrieved=retrieved,
+                                        system=record.system)
+        encoded = self.encode(segments, record.id)
+        if not bool((encoded.labels != -100).any()):
+            raise DataError(f"record {record.id!r}: no answer tokens left after truncation to {self.max_length} tokens")
+        sample = {
+            "id": record.id,
+            "input_ids": encoded.input_ids,
+            "labels": encoded.labels,
+            "image_mask": encoded.mask("image"),
+            "retrieved_mask": encoded.mask("retrieved"),
+            "pixel_values": self.load_image(record) if has_image else None,
+            "truncated": encoded.truncated,
+            "guide": bool(self.caption_target and has_image and record.caption and not record.toxic),
+        }
+        if sample["guide"]:
+            caption_segments = self.template.render(
+                [Message("user", record.caption)], system=record.system, as_caption=True, add_generation_prompt=True
+            )
+            caption = self.encode(caption_segments, record.id)
+            sample["caption_input_ids"], sample["caption_mask"] = caption.input_ids, caption.mask("caption")
+        return sample
+
+
+class LazySupervisedDataset(Dataset):
+    """Map-style dataset over validated records; tensors are built on access (in dataloader workers)."""
+
+    def __init__(self, records: list[Record], builder: SampleBuilder):
+        self.records = records
+        self.builder = builder
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.builder.build(self.records[index])
+
+    @property
+    def modality_lengths(self) -> list[int]:
+        """LLaVA's convention: a word-count length proxy, positive for image records and negative for text-only ones."""
+        lengths = []
+        for record in self.records:
+            words = sum(len(message.content.split()) for message in record.messages)
+            lengths.append(words + IMAGE_TOKEN_LENGTH_ESTIMATE if record.image else -words)
+        return lengths

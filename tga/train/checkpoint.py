@@ -1,0 +1,107 @@
+"""tga/train/checkpoint.py
+
+Saving and loading what the stages produce, atomically and in HF-native formats:
+- stage 1: `mm_projector.safetensors` (projector tensors, keys relative to the projector, e.g. `linear_1.weight`);
+- stage 2: a full `LlavaForConditionalGeneration` folder (safetensors) with tokenizer and `LlavaProcessor`.
+`load_projector` also reads LLaVA's stage-1 `mm_projector.bin` (keys `model.mm_projector.{0,2}.*`), with
+`torch.load(weights_only=True)` so that no pickled code can run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import LlavaProcessor
+
+from tga.errors import ConfigError
+from tga.model.vision import SELECT_STRATEGY
+from tga.train.distributed import gathered, is_main_process
+
+PROJECTOR_FILE = "mm_projector.safetensors"
+_LLAVA_KEY = re.compile(r"^(?:model\.)?mm_projector\.(\d+)\.(weight|bias)$")
+
+
+def atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file under a temporary name, then rename: a crash never leaves a half-written file."""
+    temporary = f"{path}.tmp-{os.getpid()}"
+    save_file(tensors, temporary, metadata=metadata)
+    os.replace(temporary, path)
+
+
+def save_projector(model, output_dir: str) -> str:
+    """Gather the (possibly ZeRO-3 partitioned) projector on every rank; rank 0 writes it. Returns the file path."""
+    projector = model.model.multi_modal_projector
+    with gathered(list(projector.parameters())):
+        state = {name: tensor.detach().cpu().clone().contiguous() for name, tensor in projector.state_dict().items()}
+    path = os.path.join(output_dir, PROJECTOR_FILE)
+    if is_main_process():
+        os.makedirs(output_dir, exist_ok=True)
+        metadata = {"mm_projector_type": str(getattr(model.config, "mm_projector_type", "mlp2x_gelu"))}
+        atomic_save_file(state, path, metadata)
+    return path
+
+
+def read_projector_state(path: str) -> dict[str, torch.Tensor]:
+    """Projector tensors from our safetensors file, a LLaVA `mm_projector.bin`, or a folder holding either."""
+    if os.path.isdir(path):
+        for name in (PROJECTOR_FILE, "mm_projector.bin"):
+            if os.path.exists(os.path.join(path, name)):
+                return read_projector_state(os.path.join(path, name))
+        raise ConfigError(f"--pretrain_mm_mlp_adapter: no {PROJECTOR_FILE} or mm_projector.bin in {path}")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--pretrain_mm_mlp_adapter: file not found: {path}")
+    if path.endswith(".safetensors"):
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    converted, unknown = {}, []
+    for key, tensor in state.items():
+        match = _LLAVA_KEY.match(key)
+        if match is None:
+            unknown.append(key)
+            continue
+        # LLaVA's projector is nn.Sequential(Linear, GELU, Linear, ...): Linear k sits at index 2(k-1).
+        converted[f"linear_{int(match.group(1)) // 2 + 1}.{match.group(2)}"] = tensor
+    if unknown:
+        raise ConfigError(f"--pretrain_mm_mlp_adapter {path}: keys that are not LLaVA projector keys: {unknown}")
+    return converted
+
+
+def load_projector(model, path: str) -> None:
+    """Load stage-1 projector weights into the model's projector (before the DeepSpeed engine is built)."""
+    projector = model.model.multi_modal_projector
+    state = read_projector_state(path)
+    expected = set(projector.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ConfigError(
+            f"--pretrain_mm_mlp_adapter {path} does not fit a `{getattr(model.config, 'mm_projector_type', '?')}` "
+            f"projector: missing {missing}, unexpected {unexpected}"
+        )
+    with gathered(list(projector.parameters())):
+        for name, tensor in projector.state_dict().items():
+            if state[name].shape != tensor.shape:
+                raise ConfigError(f"--pretrain_mm_mlp_adapter {path}: `{name}` has shape {tuple(state[name].shape)}, "
+                                  f"the model expects {tuple(tensor.shape)}")
+            with torch.no_grad():
+                tensor.copy_(state[name].to(tensor.dtype))
+
+
+def build_processor(model, tokenizer, image_processor) -> LlavaProcessor:
+    """The HF processor that expands `<image>` like our data pipeline does (one token per patch, CLS as configured)."""
+    strategy = model.config.vision_feature_select_strategy
+    return LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=model.config.vision_config.patch_size,
+        vision_feature_select_strategy=strategy, image_token="<image>",
+        num_additional_image_tokens=1 if strategy in SELECT_STRATEGY.values() else 0,
+    )
+
+
+def save_model_folder(trainer, model, tokenizer, image_processor, output_dir: str) -> None:
+    """A complete HF model folder: weights (consolidated from ZeRO-3 by the Trainer), tokenizer and processor."""
+    trainer.save_model(output_dir)
+    if is_main_process():
+        tokenizer.save_pretrained(output_dir)
+        build_processor(model, tokenizer, image_processor).save_pretrained(output_dir)

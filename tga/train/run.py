@@ -1,0 +1,140 @@
+"""tga/train/run.py
+
+One training stage, end to end, as a straight line: parse the config, set up the process, build the tokenizer and
+the VLM, load the stage-1 projector, freeze per stage, build data, train, save. `scripts/pretrain.py` and
+`scripts/finetune.py` call `run_stage("pretrain" | "finetune", argv)`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict
+
+import torch
+
+from tga.align import load_activation_layer, parse_layer_spec
+from tga.config import config_argv, parse_config
+from tga.data.collator import VLMCollator
+from tga.data.dataset import LazySupervisedDataset, SampleBuilder
+from tga.data.records import iter_data_paths, load_records
+from tga.data.templates import get_template
+from tga.errors import ConfigError
+from tga.model.tokenizer import image_token_id, load_tokenizer
+from tga.model.vision import load_image_processor
+from tga.model.vlm import build_vlm, is_vlm_checkpoint, load_vlm
+from tga.train.checkpoint import load_projector, save_model_folder, save_projector
+from tga.train.distributed import is_main_process, prepare_process
+from tga.train.stages import apply_stage, trainable_components
+from tga.train.trainer import GuideSettings, TGATrainer
+
+logger = logging.getLogger(__name__)
+
+
+def model_dtype(training_args) -> torch.dtype:
+    return torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
+
+
+def build_model_and_processors(model_args, training_args):
+    """Tokenizer, VLM and image processor, from an LLM + vision tower or from a saved VLM folder."""
+    source = model_args.model_name_or_path
+    tokenizer = load_tokenizer(source, model_max_length=training_args.model_max_length)
+    dtype = model_dtype(training_args)
+    if is_vlm_checkpoint(source):
+        model = load_vlm(source, dtype=dtype, attn_implementation=model_args.attn_implementation)
+        image_processor = load_image_processor(source)
+    else:
+        model = build_vlm(
+            source, model_args.vision_tower, tokenizer, projector_type=model_args.mm_projector_type,
+            select_layer=model_args.mm_vision_select_layer, select_feature=model_args.mm_vision_select_feature,
+            template=model_args.version, dtype=dtype, attn_implementation=model_args.attn_implementation,
+        )
+        image_processor = load_image_processor(model_args.vision_tower)
+    model.config.tga_template = get_template(model_args.version).name
+    model.config.use_cache = False
+    return tokenizer, model, image_processor
+
+
+def build_dataset(data_args, tga_args, model, tokenizer, image_processor, training_args, *, stage: str):
+    records = [record for path in iter_data_paths(data_args.data_path) for record in load_records(path)]
+    if not records:
+        raise ConfigError(f"--data_path {data_args.data_path}: no records")
+    builder = SampleBuilder(
+        tokenizer=tokenizer, template=get_template(model.config.tga_template), image_processor=image_processor,
+        image_folder=data_args.image_folder, image_token_id=image_token_id(tokenizer),
+        num_image_tokens=model.config.image_seq_length, max_length=training_args.model_max_length,
+        image_aspect_ratio=data_args.image_aspect_ratio, use_retrieved=data_args.use_retrieved_in_prompt,
+        caption_target=tga_args.tga,
+    )
+    return LazySupervisedDataset(records, builder)
+
+
+def guide_settings(tga_args, model) -> GuideSettings | None:
+    if not tga_args.tga:
+        return None
+    num_layers = model.config.text_config.num_hidden_layers
+    if tga_args.tga_layers == "auto" and tga_args.tga_activation_file is None:
+        raise ConfigError("--tga_layers auto needs --tga_activation_file (from `tga analyze activation`)")
+    activation = load_activation_layer(tga_args.tga_activation_file) if tga_args.tga_layers == "auto" else None
+    layers = parse_layer_spec(tga_args.tga_layers, num_layers, activation)
+    if not layers:
+        raise ConfigError("--tga true with no target layers: set --tga_layers")
+    return GuideSettings(layers=layers, form=tga_args.tga_form, weight=tga_args.tga_weight,
+                         schedule=tga_args.tga_schedule, temperature=tga_args.tga_temperature)
+
+
+def write_resolved_config(output_dir: str, stage: str, argv: list[str], *arg_objects) -> None:
+    if not is_main_process():
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    resolved = {"stage": stage, "argv": argv}
+    for arguments in arg_objects:
+        resolved[type(arguments).__name__] = arguments.to_dict() if hasattr(arguments, "to_dict") else asdict(arguments)
+    with open(os.path.join(output_dir, "tga_config.json"), "w", encoding="utf-8") as handle:
+        json.dump(resolved, handle, indent=2, default=str)
+
+
+def run_stage(stage: str, argv: list[str]) -> str:
+    """Train one stage; returns the output folder."""
+    argv = prepare_process(config_argv(argv))
+    model_args, data_args, tga_args, training_args = parse_config(argv)
+    components = trainable_components(stage, tune_mm_mlp_adapter=model_args.tune_mm_mlp_adapter,
+                                      freeze_backbone=model_args.freeze_backbone,
+                                      freeze_mm_mlp_adapter=model_args.freeze_mm_mlp_adapter)
+    if tga_args.tga_center or tga_args.tga_target != "live":
+        raise ConfigError("--tga_center and --tga_target frozen are not available in training yet; use the defaults")
+    write_resolved_config(training_args.output_dir, stage, argv, model_args, data_args, tga_args, training_args)
+    started = time.time()
+    tokenizer, model, image_processor = build_model_and_processors(model_args, training_args)
+    if model_args.pretrain_mm_mlp_adapter:
+        load_projector(model, model_args.pretrain_mm_mlp_adapter)
+    apply_stage(model, components)
+    dataset = build_dataset(data_args, tga_args, model, tokenizer, image_processor, training_args, stage=stage)
+    zero3_multi_rank = training_args.world_size > 1 and bool(training_args.deepspeed)
+    trainer = TGATrainer(
+        model=model, args=training_args, train_dataset=dataset, data_collator=VLMCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer, guide=guide_settings(tga_args, model), projector_lr=training_args.mm_projector_lr,
+        always_run_all_modules=zero3_multi_rank,
+    )
+    trainer.train(resume_from_checkpoint=resolve_resume(training_args))
+    if stage == "pretrain" and "llm" not in components:
+        save_projector(model, training_args.output_dir)
+        if is_main_process():
+            model.config.save_pretrained(training_args.output_dir)
+            tokenizer.save_pretrained(training_args.output_dir)
+    else:
+        save_model_folder(trainer, model, tokenizer, image_processor, training_args.output_dir)
+    logger.info("stage %s finished in %.1f s -> %s", stage, time.time() - started, training_args.output_dir)
+    return training_args.output_dir
+
+
+def resolve_resume(training_args) -> str | bool | None:
+    """`--resume_from_checkpoint auto` resumes from the newest checkpoint in output_dir, if there is one."""
+    value = training_args.resume_from_checkpoint
+    if value != "auto":
+        return value
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
