@@ -1,0 +1,90 @@
+"""tga/safety/plots.py
+
+PNG plots of the safety analyses, drawn with matplotlib's object API and the Agg canvas (no pyplot global
+state, no display needed): the per-layer refusal-token rank of the activation analysis, and the per-layer
+image-versus-caption cosine and specificity of one or more checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+
+def _save(figure: Figure, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    FigureCanvasAgg(figure)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def plot_activation(result: Any, path: str) -> None:
+    """Plot the mean best refusal-token rank per layer and the histogram of activation layers.
+
+    Args:
+        result: an `ActivationResult`.
+        path: the PNG file to write.
+    """
+    figure = Figure(figsize=(10, 4))
+    ranks, hist = figure.subplots(1, 2)
+    layers = list(range(1, result.num_layers + 1))
+    ranks.plot(layers, result.mean_rank_per_layer, marker="o", label="mean rank")
+    ranks.plot(layers, result.median_rank_per_layer, marker=".", linestyle="--", label="median rank")
+    ranks.axhline(result.top_k, color="grey", linewidth=0.8, label=f"top-{result.top_k}")
+    if result.mean_activation_layer is not None:
+        ranks.axvline(
+            result.mean_activation_layer,
+            color="red",
+            linewidth=0.8,
+            label=f"mean activation layer {result.mean_activation_layer:.1f}",
+        )
+    ranks.set_yscale("log")
+    ranks.set_xlabel("layer j")
+    ranks.set_ylabel("best refusal-token rank in D^j (1 = top)")
+    ranks.set_title(f"Refusal-token rank per layer ({result.rule} rule)")
+    ranks.legend(fontsize=8)
+    active = [layer for layer in result.layers if layer is not None]
+    hist.hist(active, bins=range(1, result.num_layers + 2), align="left", rwidth=0.8)
+    hist.set_xlabel("activation layer")
+    hist.set_ylabel("prompts")
+    hist.set_title(f"Activated: {result.activated_fraction:.0%} of {len(result.layers)} prompts")
+    _save(figure, path)
+
+
+def plot_similarity(reports: Mapping[str, dict[str, Any]], path: str) -> None:
+    """Plot per-layer cos(image, own caption) and specificity, one line per checkpoint.
+
+    Args:
+        reports: checkpoint label -> `similarity_report` output.
+        path: the PNG file to write.
+    """
+    figure = Figure(figsize=(10, 4))
+    cosine, specificity = figure.subplots(1, 2)
+    for label, report in reports.items():
+        layers = list(range(len(report["cosine"])))
+        line = cosine.plot(layers, report["cosine"], marker="o", label=f"{label}: own caption")[0]
+        if report.get("other_caption_cosine") is not None:
+            cosine.plot(
+                layers,
+                report["other_caption_cosine"],
+                linestyle=":",
+                color=line.get_color(),
+                label=f"{label}: other captions",
+            )
+        if report.get("specificity") is not None:
+            specificity.plot(layers, report["specificity"], marker="o", color=line.get_color(), label=label)
+    cosine.set_xlabel("layer (0 = embeddings)")
+    cosine.set_ylabel("cos(mean image state, mean caption state)")
+    cosine.set_title("Image vs caption hidden states")
+    cosine.legend(fontsize=8)
+    specificity.axhline(0.0, color="grey", linewidth=0.8)
+    specificity.set_xlabel("layer (0 = embeddings)")
+    specificity.set_ylabel("cos(own caption) - mean cos(other captions)")
+    specificity.set_title("Alignment specificity")
+    if specificity.get_legend_handles_labels()[0]:
+        specificity.legend(fontsize=8)
+    _save(figure, path)
