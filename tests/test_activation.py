@@ -212,3 +212,34 @@ def test_save_activation_writes_json_and_plot(tmp_path):
     json_path, png_path = save_activation(result, str(tmp_path))
     assert json.loads(open(json_path).read())["mean_activation_layer"] == 5
     assert open(png_path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@torch.no_grad()
+def test_lens_parts_and_states_of_the_llm_inside_llava():
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    text = MistralConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                              image_size=16, patch_size=8)
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
+                                                      image_token_index=VOCAB["<unk>"])).eval()
+    model.model.language_model.norm.weight.uniform_(0.5, 2.0)
+    parts = lens_parts(model)
+    assert parts.norm is model.model.language_model.norm and parts.lm_head is model.lm_head
+    tokenizer = tiny_tokenizer()
+    states = last_token_states(model, tokenizer, TEXTS, batch_size=2, chat_format=False)
+    assert states.shape == (4, len(TEXTS), 32)
+    batch = tokenizer(TEXTS, return_tensors="pt", padding=True)
+    expected = torch.log_softmax(model(**batch).logits[:, -1].float(), dim=-1)
+    assert torch.allclose(logit_lens(states, parts)[-1], expected, atol=1e-5)
+
+
+def test_activation_json_feeds_tga_layers_auto(tmp_path):
+    from tga.align.layers import load_activation_layer, parse_layer_spec
+
+    result = run_analysis(constructed_model({5: {0: 10.0}}), "paper")
+    json_path, _ = save_activation(result, str(tmp_path))
+    activation_layer = load_activation_layer(json_path)
+    assert activation_layer == 5
+    assert parse_layer_spec("auto", 6, activation_layer)[-1] == 5
