@@ -129,10 +129,12 @@ def run_similarity(
     for model_dir in model_dirs:
         if not is_vlm_dir(model_dir):
             raise ConfigError(f"--model: {model_dir} is not a vision-language (Llava) checkpoint")
+    labels = list(labels) if labels else _unique_labels(model_dirs)
+    if len(labels) != len(model_dirs) or len(set(labels)) != len(labels):
+        raise ConfigError(f"--label: give one distinct label per --model ({len(model_dirs)}), got {labels}")
     images = [open_image(p["image"], f"id {p['id']!r}") for p in pairs]
     captions = [p["caption"] for p in pairs]
     scenes = [p["scene"] or "all" for p in pairs] if any(p["scene"] for p in pairs) else None
-    labels = list(labels) if labels else _unique_labels(model_dirs)
     reports = {}
     for label, model_dir in zip(labels, model_dirs):
         chat = load_chat(model_dir, device=device, dtype=dtype)
