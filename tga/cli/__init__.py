@@ -17,6 +17,8 @@ from tga.errors import TGAError
 SUBCOMMANDS = [
     "tga.cli.train_cmd",
     "tga.cli.data_cmd",
+    "tga.cli.retrieve_cmd",
+    "tga.cli.caption_cmd",
     "tga.cli.analyze_cmd",
     "tga.cli.evaluate_cmd",
     "tga.cli.chat_cmd",

@@ -1,0 +1,46 @@
+"""tga/cli/caption_cmd.py
+
+`tga caption`: fill `image_caption` of image records with an HF image-to-text model (see tga/caption and
+docs/retrieval_and_captioning.md). Parses options and prints the summary only.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    """Add the `caption` subcommand."""
+    parser = subparsers.add_parser(
+        "caption",
+        help="caption each training image with an image-to-text model (fills image_caption)",
+        description="Generate image_caption for records lacking one (or all, with --overwrite) by batched greedy "
+        "decoding with any model AutoModelForImageTextToText loads.",
+    )
+    parser.add_argument("--model", required=True, help="image-to-text model folder (with its processor files)")
+    parser.add_argument("--data", required=True, help="records file (.json list or .jsonl)")
+    parser.add_argument("--image_folder", required=True, help="folder the records' image paths are relative to")
+    parser.add_argument("--out", required=True, help="output records file (.json or .jsonl)")
+    parser.add_argument("--prompt", default=None, help="chat models: instruction; others: caption prefix")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--max_new_tokens", type=int, default=40)
+    parser.add_argument("--overwrite", action="store_true", help="recaption records that already have a caption")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
+    parser.add_argument("--num_workers", type=int, default=4, help="image-decoding threads")
+    parser.add_argument("--skip_bad_records", action="store_true", help="skip and report unreadable images")
+    parser.add_argument("--max_batches", type=int, default=None, help="stop after N batches (rerun to resume)")
+    parser.add_argument("--trust_remote_code", action="store_true", help="run the model repository's own code")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run captioning with the parsed options; returns the exit status."""
+    from dataclasses import fields
+
+    from tga.caption import CaptionConfig, caption_file
+    from tga.cli.job_summary import print_summary
+
+    config = CaptionConfig(**{f.name: getattr(args, f.name) for f in fields(CaptionConfig)})
+    print_summary(caption_file(config), {"empty_caption": "captions the model left empty"})
+    return 0
