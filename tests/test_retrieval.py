@@ -449,3 +449,14 @@ def test_cli_with_a_registered_model_config_and_checkpoint(tmp_path, clip_dir, c
                 "",
             ]
         )
+
+
+def test_build_embedder_validates_backend_dtype_and_half_precision_output(clip_dir):
+    with pytest.raises(ConfigError, match="--backend"):
+        build_embedder("siglip", "x")
+    with pytest.raises(ConfigError, match="--dtype"):
+        build_embedder("open_clip", f"local-dir:{clip_dir}", dtype="fp8")
+    embedder = build_embedder("open_clip", f"local-dir:{clip_dir}", dtype="bfloat16")
+    texts = embedder.embed_texts(CAPTIONS[:2])
+    assert texts.dtype == np.float32  # faiss needs float32 whatever the model computes in
+    np.testing.assert_allclose(np.linalg.norm(texts, axis=1), 1.0, atol=1e-2)

@@ -17,7 +17,7 @@ from PIL import Image
 from tga.errors import ConfigError
 
 DEFAULT_INSTRUCTION = "Describe the image in one sentence."  # used for chat models when no prompt is given
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class Captioner:
@@ -58,7 +58,7 @@ class Captioner:
         model_dir: str,
         *,
         device: str = "cpu",
-        precision: str = "fp32",
+        dtype: str | None = None,
         prompt: str | None = None,
         max_new_tokens: int = 40,
         trust_remote_code: bool = False,
@@ -68,7 +68,7 @@ class Captioner:
         Args:
             model_dir: saved model folder with its processor files.
             device: torch device string.
-            precision: "fp32", "fp16" or "bf16".
+            dtype: "float32", "float16", "bfloat16", or None for the dtype the model was saved in.
             prompt, max_new_tokens: see the class.
             trust_remote_code: run the model repository's own code (only when asked for explicitly).
 
@@ -77,14 +77,14 @@ class Captioner:
         """
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        if precision not in _DTYPES:
-            raise ConfigError(f"--precision must be one of {', '.join(_DTYPES)}, got {precision!r}")
+        if dtype is not None and dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if not os.path.isdir(model_dir) and os.path.exists(model_dir):
             raise ConfigError(f"--model {model_dir}: expected a model folder")
         try:
             processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
             model = AutoModelForImageTextToText.from_pretrained(
-                model_dir, dtype=_DTYPES[precision], trust_remote_code=trust_remote_code
+                model_dir, dtype=DTYPES[dtype] if dtype else "auto", trust_remote_code=trust_remote_code
             )
         except (OSError, ValueError, KeyError) as error:
             raise ConfigError(

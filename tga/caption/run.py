@@ -88,7 +88,7 @@ class CaptionConfig:
     max_new_tokens: int = 40  # generation budget per caption
     overwrite: bool = False  # recaption records that already have image_caption
     device: str = "cpu"  # torch device
-    precision: str = "fp32"  # fp32 | fp16 | bf16
+    dtype: str | None = None  # float32 | float16 | bfloat16; None: as saved
     num_workers: int = 4  # image-decoding threads
     skip_bad_records: bool = False  # skip (and report) missing/corrupt/escaping images
     max_batches: int | None = None  # stop after N batches (resumable); for smoke tests
@@ -120,7 +120,7 @@ def caption_file(config: CaptionConfig, captioner: Captioner | None = None) -> J
         captioner = Captioner.load(
             config.model,
             device=config.device,
-            precision=config.precision,
+            dtype=config.dtype,
             prompt=config.prompt,
             max_new_tokens=config.max_new_tokens,
             trust_remote_code=config.trust_remote_code,
@@ -131,7 +131,7 @@ def caption_file(config: CaptionConfig, captioner: Captioner | None = None) -> J
         "prompt": config.prompt,
         "max_new_tokens": config.max_new_tokens,
         "overwrite": config.overwrite,
-        "precision": config.precision,
+        "dtype": config.dtype,
         "data_sha256": file_sha256(config.data),
         "image_folder": os.path.abspath(config.image_folder),
     }

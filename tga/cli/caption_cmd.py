@@ -26,7 +26,9 @@ def register(subparsers) -> None:
     parser.add_argument("--max_new_tokens", type=int, default=40)
     parser.add_argument("--overwrite", action="store_true", help="recaption records that already have a caption")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
+    parser.add_argument(
+        "--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="model dtype (default: as saved)"
+    )
     parser.add_argument("--num_workers", type=int, default=4, help="image-decoding threads")
     parser.add_argument("--skip_bad_records", action="store_true", help="skip and report unreadable images")
     parser.add_argument("--max_batches", type=int, default=None, help="stop after N batches (rerun to resume)")

@@ -35,7 +35,7 @@ def register(subparsers) -> None:
     parser.add_argument("--batch_size", type=int, default=64, help="images per batch")
     parser.add_argument("--text_batch_size", type=int, default=256, help="corpus texts per embedding call")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="model dtype")
     parser.add_argument("--num_workers", type=int, default=4, help="image-decoding threads")
     parser.add_argument("--skip_bad_records", action="store_true", help="skip and report unreadable images")
     parser.add_argument("--max_batches", type=int, default=None, help="stop after N batches (rerun to resume)")

@@ -10,11 +10,12 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+import torch
 from PIL import Image
 
 from tga.errors import ConfigError
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @runtime_checkable
@@ -38,7 +39,7 @@ def build_embedder(
     *,
     pretrained: str | None = None,
     device: str = "cpu",
-    precision: str = "fp32",
+    dtype: str = "float32",
     model_config: str | None = None,
 ) -> ClipEmbedder:
     """Build an embedder.
@@ -48,24 +49,24 @@ def build_embedder(
         model: open_clip model name (or `local-dir:PATH`), or the folder of an HF `CLIPModel`.
         pretrained: open_clip pretrained tag (e.g. "openai") or checkpoint file; unused by hf_clip.
         device: torch device string.
-        precision: "fp32", "fp16" or "bf16".
+        dtype: "float32", "float16" or "bfloat16" (weights and inputs).
         model_config: open_clip only: a JSON model config file to register before building `model`.
 
     Returns:
         A `ClipEmbedder`.
     """
-    if precision not in PRECISIONS:
-        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if backend == "open_clip":
         from tga.retrieval.open_clip_embedder import OpenClipEmbedder
 
-        return OpenClipEmbedder.load(model, pretrained, device=device, precision=precision, model_config=model_config)
+        return OpenClipEmbedder.load(model, pretrained, device=device, dtype=dtype, model_config=model_config)
     if backend == "hf_clip":
         from tga.retrieval.hf_clip_embedder import HFClipEmbedder
 
         if model_config is not None:
             raise ConfigError("--model_config applies to --backend open_clip only")
-        return HFClipEmbedder.load(model, device=device, precision=precision)
+        return HFClipEmbedder.load(model, device=device, dtype=dtype)
     raise ConfigError(f"--backend must be one of open_clip, hf_clip, got {backend!r}")
 
 

@@ -16,8 +16,7 @@ from PIL import Image
 
 from tga.errors import ConfigError
 from tga.records_io import file_signature
-
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from tga.retrieval.embedders import DTYPES
 
 
 def _features(output) -> torch.Tensor:
@@ -45,14 +44,14 @@ class HFClipEmbedder:
         self.description = description
 
     @classmethod
-    def load(cls, folder: str, *, device: str = "cpu", precision: str = "fp32") -> HFClipEmbedder:
+    def load(cls, folder: str, *, device: str = "cpu", dtype: str = "float32") -> HFClipEmbedder:
         """Load model, tokenizer and image processor from `folder` (no downloads)."""
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
         if not os.path.isdir(folder):
             raise ConfigError(f"--model {folder}: not a folder (--backend hf_clip needs a saved CLIPModel folder)")
         try:
-            model = CLIPModel.from_pretrained(folder, dtype=_DTYPES[precision], local_files_only=True).to(device)
+            model = CLIPModel.from_pretrained(folder, dtype=DTYPES[dtype], local_files_only=True).to(device)
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
             image_processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError, KeyError) as error:

@@ -16,8 +16,9 @@ from PIL import Image
 
 from tga.errors import ConfigError
 from tga.records_io import file_signature
+from tga.retrieval.embedders import DTYPES
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_OPEN_CLIP_PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 class OpenClipEmbedder:
@@ -28,16 +29,16 @@ class OpenClipEmbedder:
         preprocess: its validation image transform.
         tokenizer: its tokenizer (callable on a list of strings).
         device: where the model lives.
-        precision: "fp32", "fp16" or "bf16" (input dtype for images).
+        dtype: "float32", "float16" or "bfloat16" (weights and image inputs).
         description: what identifies the model in caches.
     """
 
-    def __init__(self, model, preprocess, tokenizer, device: str, precision: str, description: dict[str, str]) -> None:
+    def __init__(self, model, preprocess, tokenizer, device: str, dtype: str, description: dict[str, str]) -> None:
         self.model = model
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.device = torch.device(device)
-        self.dtype = _DTYPES[precision]
+        self.dtype = DTYPES[dtype]
         self.description = description
 
     @classmethod
@@ -47,7 +48,7 @@ class OpenClipEmbedder:
         pretrained: str | None,
         *,
         device: str = "cpu",
-        precision: str = "fp32",
+        dtype: str = "float32",
         model_config: str | None = None,
     ) -> OpenClipEmbedder:
         """Build the model, its transform and tokenizer (see `build_embedder` for the arguments)."""
@@ -75,7 +76,7 @@ class OpenClipEmbedder:
             weights = [os.path.abspath(pretrained)]
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
-                model_name, pretrained=pretrained, precision=precision, device=device
+                model_name, pretrained=pretrained, precision=_OPEN_CLIP_PRECISION[dtype], device=device
             )
             tokenizer = open_clip.get_tokenizer(model_name)
         except (RuntimeError, ValueError, FileNotFoundError, KeyError) as error:
@@ -89,7 +90,7 @@ class OpenClipEmbedder:
             "pretrained": str(pretrained),
             "weights": ",".join(file_signature(path) for path in weights) or "tag",
         }
-        return cls(model, preprocess, tokenizer, device, precision, description)
+        return cls(model, preprocess, tokenizer, device, dtype, description)
 
     @torch.inference_mode()
     def embed_images(self, images: list[Image.Image]) -> np.ndarray:

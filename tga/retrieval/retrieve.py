@@ -126,7 +126,7 @@ class RetrieveConfig:
     batch_size: int = 64  # images per batch
     text_batch_size: int = 256  # corpus texts per embedding call
     device: str = "cpu"  # torch device
-    precision: str = "fp32"  # fp32 | fp16 | bf16
+    dtype: str = "float32"  # float32 | float16 | bfloat16
     num_workers: int = 4  # image-decoding threads
     skip_bad_records: bool = False  # skip (and report) missing/corrupt/escaping images
     max_batches: int | None = None  # stop after N batches (resumable); for smoke tests
@@ -152,7 +152,7 @@ def retrieve_file(config: RetrieveConfig, embedder: ClipEmbedder | None = None) 
             config.model,
             pretrained=config.pretrained,
             device=config.device,
-            precision=config.precision,
+            dtype=config.dtype,
             model_config=config.model_config,
         )
     index = load_or_build_caption_index(
@@ -164,7 +164,7 @@ def retrieve_file(config: RetrieveConfig, embedder: ClipEmbedder | None = None) 
         batch_size=config.text_batch_size,
         index_path=config.index_path,
     )
-    settings = {k: v for k, v in asdict(config).items() if k in ("top_k", "index", "nlist", "nprobe", "precision")}
+    settings = {k: v for k, v in asdict(config).items() if k in ("top_k", "index", "nlist", "nprobe", "dtype")}
     header = {
         "job": "retrieve",
         **settings,
