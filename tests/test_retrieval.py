@@ -240,6 +240,10 @@ def test_pick_retrieved_skips_normalised_copies_only():
     result = pick_retrieved(candidates, None, top_k=2)
     assert result.fields["retrieved_caption"] == "A red circle." and result.flags == ()
     assert pick_retrieved(candidates[:1], "a red circle", top_k=1).flags == ("leak_skipped", "no_text_left")
+    two_copies = [("a red circle", 0.9), ("A Red Circle!", 0.8), ("a disc", 0.5), ("a blob", 0.4)]
+    result = pick_retrieved(two_copies, "a red circle", top_k=2)
+    assert [t["text"] for t in result.fields["retrieved_topk"]] == ["a disc", "a blob"]
+    assert pick_retrieved(candidates, "a blue square", top_k=2).flags == ()  # ranked below the top 2: no change
 
 
 def write_bad_records(tmp_path, images: str, data: str) -> str:

@@ -130,7 +130,7 @@ class PartialResults:
                 entry = json.loads(line)
             except ValueError as error:
                 if number == len(lines):  # a kill mid-write leaves a partial last line: drop it
-                    with open(self.path, "r+", encoding="utf-8") as handle:
+                    with open(self.path, "rb+") as handle:
                         handle.truncate(good_bytes)
                     break
                 raise DataError(

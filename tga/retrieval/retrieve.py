@@ -24,6 +24,7 @@ from tga.retrieval.index import CaptionIndex, corpus_sha256, load_or_build_capti
 
 LEAK_FLAG = "leak_skipped"
 NO_TEXT_FLAG = "no_text_left"
+LEAK_MARGIN = 4  # extra candidates fetched so that skipped copies of the caption still leave top_k
 SCORE_DECIMALS = 6  # scores are rounded so resumed and uninterrupted runs write the same bytes
 
 
@@ -36,17 +37,18 @@ def pick_retrieved(candidates: list[tuple[str, float]], own_caption: str | None,
     """Apply the leak guard to ranked candidates and build the record's new fields.
 
     Args:
-        candidates: (text, cosine) pairs, best first (top_k + 1 of them, so one leak still leaves top_k).
+        candidates: (text, cosine) pairs, best first (a few more than top_k, so skipped copies still leave top_k).
         own_caption: the record's `image_caption`, or None.
         top_k: how many texts `retrieved_topk` keeps.
 
     Returns:
         `retrieved_caption` (the best non-leaking text) and `retrieved_topk` ([{text, score}]), flagged
-        `leak_skipped` when the record's own caption was among the candidates.
+        `leak_skipped` when the record's own caption would have been among the top_k.
     """
-    own = normalize_text(own_caption) if own_caption else None
+    own = normalize_text(own_caption) if isinstance(own_caption, str) and own_caption.strip() else None
     kept = [(text, score) for text, score in candidates if own is None or normalize_text(text) != own]
-    flags = (LEAK_FLAG,) if len(kept) < len(candidates) else ()
+    leaked = own is not None and any(normalize_text(text) == own for text, _ in candidates[:top_k])
+    flags = (LEAK_FLAG,) if leaked else ()
     topk = [{"text": text, "score": round(score, SCORE_DECIMALS)} for text, score in kept[:top_k]]
     if not topk:
         return ItemResult({"retrieved_topk": []}, flags + (NO_TEXT_FLAG,))
@@ -86,7 +88,7 @@ def retrieve_for_records(
         raise ConfigError(f"--top_k must be >= 1, got {top_k}")
 
     def process(images: list[Image.Image], batch: list[dict[str, Any]]) -> list[ItemResult]:
-        ranked = index.search(embedder.embed_images(images), top_k + 1)
+        ranked = index.search(embedder.embed_images(images), top_k + LEAK_MARGIN)
         return [
             pick_retrieved(candidates, record.get("image_caption"), top_k) for candidates, record in zip(ranked, batch)
         ]
