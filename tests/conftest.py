@@ -37,3 +37,11 @@ def mistral_tokenizer(mistral_tokenizer_dir):
     from tga.model.tokenizer import load_tokenizer
 
     return load_tokenizer(mistral_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    """Tiny random LLM (real Mistral tokenizer), CLIP vision tower and generated LLaVA data (see tga/tiny.py)."""
+    from tga.tiny import make_tiny_assets
+
+    return make_tiny_assets(str(tmp_path_factory.mktemp("tiny_assets")), seed=0, num_images=24)

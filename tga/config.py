@@ -74,6 +74,7 @@ class TrainingArguments(transformers.TrainingArguments):
     model_max_length: int = field(default=2048, metadata={"help": "Maximum sequence length (text is truncated, image tokens never)."})
     group_by_modality_length: bool = field(default=False, metadata={"help": "Batch image and text-only records separately, grouped by length."})
     mm_projector_lr: float | None = field(default=None, metadata={"help": "Learning rate of the projector (default: learning_rate)."})
+    save_full_model: bool = field(default=False, metadata={"help": "Stage 1: also write the full HF model folder (to evaluate after stage 1)."})
     warmup_ratio: float | None = field(default=None, metadata={"help": "LLaVA flag: warmup as a fraction of training (sets warmup_steps)."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the batch carries TGA spans the model does not take."})
     evaluation_strategy: str | None = field(default=None, metadata={"help": "LLaVA flag (transformers 4 name of eval_strategy)."})
@@ -84,8 +85,8 @@ class TrainingArguments(transformers.TrainingArguments):
             self.warmup_steps = self.warmup_ratio  # transformers 5 reads a float < 1 as a ratio
         if self.evaluation_strategy is not None:
             self.eval_strategy = self.evaluation_strategy
-        if self.gradient_checkpointing_kwargs is None:
-            self.gradient_checkpointing_kwargs = {"use_reentrant": False}
+        if self.activation_checkpointing_kwargs is None and self.gradient_checkpointing_kwargs is None:
+            self.activation_checkpointing_kwargs = {"use_reentrant": False}
         super().__post_init__()
 
 
@@ -115,9 +116,12 @@ def yaml_to_argv(path: str) -> list[str]:
 
 
 def config_argv(argv: list[str]) -> list[str]:
-    """Expand a leading YAML path into flags; the remaining flags follow it and win."""
-    if argv and argv[0].endswith((".yaml", ".yml")):
-        return yaml_to_argv(argv[0]) + argv[1:]
+    """Expand the positional YAML path (anywhere: launchers prepend `--local_rank=N`) into flags that the other
+    flags override."""
+    for index, token in enumerate(argv):
+        is_flag_value = index > 0 and argv[index - 1].startswith("--") and "=" not in argv[index - 1]
+        if token.endswith((".yaml", ".yml")) and not token.startswith("--") and not is_flag_value:
+            return yaml_to_argv(token) + argv[:index] + argv[index + 1 :]
     return list(argv)
 
 

@@ -24,7 +24,8 @@ from tga.errors import ConfigError
 from tga.model.projector import DEFAULT_PROJECTOR, build_projector
 from tga.model.vision import SELECT_STRATEGY, load_vision_tower, num_patches
 
-PROJECTOR_PREFIX = "model.multi_modal_projector."
+# transformers 5 writes Llava in the llava-hf layout (`multi_modal_projector.*`); in memory it is `model.*`.
+PROJECTOR_PREFIXES = ("multi_modal_projector.", "model.multi_modal_projector.")
 
 
 def is_vlm_checkpoint(path: str) -> bool:
@@ -117,8 +118,9 @@ def projector_state_from_folder(path: str) -> dict[str, torch.Tensor]:
     for name in files:
         with safe_open(os.path.join(path, name), framework="pt") as handle:
             for key in handle.keys():
-                if key.startswith(PROJECTOR_PREFIX):
-                    state[key[len(PROJECTOR_PREFIX) :]] = handle.get_tensor(key)
+                prefix = next((p for p in PROJECTOR_PREFIXES if key.startswith(p)), None)
+                if prefix is not None:
+                    state[key[len(prefix) :]] = handle.get_tensor(key)
     return state
 
 

@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict
 
 import torch
+from transformers import set_seed
 
 from tga.align import load_activation_layer, parse_layer_spec
 from tga.config import config_argv, parse_config
@@ -27,6 +28,7 @@ from tga.model.vision import load_image_processor
 from tga.model.vlm import build_vlm, is_vlm_checkpoint, load_vlm
 from tga.train.checkpoint import load_projector, save_model_folder, save_projector
 from tga.train.distributed import is_main_process, prepare_process
+from tga.train.plots import plot_training_curves
 from tga.train.stages import apply_stage, trainable_components
 from tga.train.trainer import GuideSettings, TGATrainer
 
@@ -107,6 +109,7 @@ def run_stage(stage: str, argv: list[str]) -> str:
         raise ConfigError("--tga_center and --tga_target frozen are not available in training yet; use the defaults")
     write_resolved_config(training_args.output_dir, stage, argv, model_args, data_args, tga_args, training_args)
     started = time.time()
+    set_seed(training_args.seed)  # the resized embedding rows and the projector init are random
     tokenizer, model, image_processor = build_model_and_processors(model_args, training_args)
     if model_args.pretrain_mm_mlp_adapter:
         load_projector(model, model_args.pretrain_mm_mlp_adapter)
@@ -119,13 +122,17 @@ def run_stage(stage: str, argv: list[str]) -> str:
         always_run_all_modules=zero3_multi_rank,
     )
     trainer.train(resume_from_checkpoint=resolve_resume(training_args))
-    if stage == "pretrain" and "llm" not in components:
+    projector_only = stage == "pretrain" and "llm" not in components
+    if projector_only:
         save_projector(model, training_args.output_dir)
-        if is_main_process():
-            model.config.save_pretrained(training_args.output_dir)
-            tokenizer.save_pretrained(training_args.output_dir)
-    else:
+    if not projector_only or training_args.save_full_model:
         save_model_folder(trainer, model, tokenizer, image_processor, training_args.output_dir)
+    elif is_main_process():
+        model.config.save_pretrained(training_args.output_dir)
+        tokenizer.save_pretrained(training_args.output_dir)
+    if is_main_process():
+        trainer.save_state()  # trainer_state.json: the log history (losses, TGA metrics)
+        plot_training_curves(trainer.state.log_history, training_args.output_dir)
     logger.info("stage %s finished in %.1f s -> %s", stage, time.time() - started, training_args.output_dir)
     return training_args.output_dir
 

@@ -7,9 +7,10 @@ are mean-pooled at the target layers. The caption target C comes from a no-grad 
 model over the caption under the stage's system prompt (the `live` target of the paper and released code). Toxic
 records and records without a caption are not in the guide loss (the collator leaves them out of `guide_index`).
 
-[IMPORTANT] Under ZeRO-3 every rank must run the same modules in every step: parameters are gathered with
-collectives. A rank whose batch is text-only still runs the vision tower and projector (on a blank image, weight 0),
-and a rank without guide samples still runs the caption pass (on one token, weight 0).
+[IMPORTANT] Under multi-rank ZeRO-3 every rank must run the same modules in the same order in every step:
+parameters are gathered with collectives. The trainer then builds the input embeddings itself (as Llava's forward
+does), so a rank whose batch is text-only still runs the vision tower and projector (on a blank image, weight 0), and
+a rank without guide samples still runs the caption pass (on one token, weight 0).
 
 Only public Trainer hooks are overridden: compute_loss, create_optimizer, _get_train_sampler and log.
 """
@@ -83,9 +84,9 @@ class TGATrainer(Trainer):
         extras = {key: inputs.pop(key) for key in BATCH_EXTRAS if key in inputs}
         if self.guide is not None:
             inputs["output_hidden_states"] = True
+        if self.always_run_all_modules:
+            inputs = self.embed_multimodal(model, inputs)
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if self.always_run_all_modules and "pixel_values" not in inputs:
-            loss = loss + 0.0 * self.blank_image_features(model).sum()
         if self.guide is not None:
             guide, metrics = self.guide_term(model, outputs.hidden_states, extras)
             weight = self.guide.weight * (1.0 - self.step_ratio() if self.guide.schedule == "linear" else 1.0)
@@ -99,51 +100,70 @@ class TGATrainer(Trainer):
     def step_ratio(self) -> float:
         return self.state.global_step / max(1, self.state.max_steps)
 
-    def blank_image_features(self, model) -> torch.Tensor:
-        vlm = self.accelerator.unwrap_model(model)
-        size = vlm.config.vision_config.image_size
-        blank = torch.zeros(1, 3, size, size, device=self.args.device, dtype=vlm.dtype)
-        return torch.cat(vlm.model.get_image_features(pixel_values=blank).pooler_output)
+    def embed_multimodal(self, model, inputs: dict) -> dict:
+        """Llava's input embedding (token embeddings, then vision + projector, scattered into the image positions),
+        done here so that a text-only batch runs the same modules in the same order, on a blank image with weight 0."""
+        vlm = self.accelerator.unwrap_model(model).model
+        input_ids = inputs.pop("input_ids")
+        pixel_values = inputs.pop("pixel_values", None)
+        embeds = vlm.get_input_embeddings()(input_ids)
+        if pixel_values is None:
+            size = vlm.config.vision_config.image_size
+            pixel_values = torch.zeros(1, 3, size, size, device=embeds.device, dtype=embeds.dtype)
+            features = torch.cat(vlm.get_image_features(pixel_values=pixel_values).pooler_output)
+            embeds = embeds + 0.0 * features.sum()
+        else:
+            features = torch.cat(vlm.get_image_features(pixel_values=pixel_values).pooler_output).to(embeds.dtype)
+            mask = vlm.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=features)
+            embeds = embeds.masked_scatter(mask, features)
+        return {**inputs, "inputs_embeds": embeds}
 
-    def caption_states(self, model, extras) -> torch.Tensor | None:
-        """Pooled caption states [L, G, H] from a no-grad text pass (a 1-token dummy pass when G = 0)."""
+    def caption_states(self, model, extras, hidden_size: int) -> torch.Tensor:
+        """Pooled caption states [L, G, H] from a no-grad text pass of the training LLM (the `live` target).
+
+        With no guide sample (G = 0) the pass still runs on one token when every rank must run the same modules.
+        """
         language_model = self.accelerator.unwrap_model(model).model.language_model
         if "caption_input_ids" in extras:
             ids, attention, mask = extras["caption_input_ids"], extras["caption_attention_mask"], extras["caption_mask"]
-        elif self.always_run_all_modules:
+        else:
             ids = torch.full((1, 1), self.processing_class.pad_token_id, device=self.args.device)
             attention, mask = torch.ones_like(ids, dtype=torch.bool), None
-        else:
-            return None
-        with torch.no_grad():
-            hidden = language_model(input_ids=ids, attention_mask=attention, output_hidden_states=True).hidden_states
-        return None if mask is None else pool_layers(hidden, self.guide.layers, mask)
+        if mask is not None or self.always_run_all_modules:
+            with torch.no_grad():
+                hidden = language_model(input_ids=ids, attention_mask=attention, output_hidden_states=True).hidden_states
+        if mask is None:
+            return torch.zeros(len(self.guide.layers), 0, hidden_size, device=self.args.device)
+        return pool_layers(hidden, self.guide.layers, mask)
 
     def guide_term(self, model, hidden_states, extras) -> tuple[torch.Tensor, dict]:
-        captions = self.caption_states(model, extras)
-        zero = hidden_states[-1].sum() * 0.0
-        if captions is None:
-            return zero, {}
-        index = extras["guide_index"]
-        images = pool_layers(hidden_states, self.guide.layers, extras["image_mask"])[:, index]
+        """lambda-free guide loss of the batch and its metrics.
+
+        [Contract] The autograd graph has the same structure whatever the batch holds (both subsets below are always
+        built, empty ones give attached zeros): ZeRO-3 reduces gradients in the order they become ready, which must
+        be identical on every rank.
+        """
+        images = pool_layers(hidden_states, self.guide.layers, extras["image_mask"])
+        retrieved = pool_layers(hidden_states, self.guide.layers, extras["retrieved_mask"])
+        captions = self.caption_states(model, extras, images.shape[-1])
+        index = extras.get("guide_index", torch.zeros(0, dtype=torch.long, device=images.device))
+        images, retrieved = images[:, index], retrieved[:, index]
         has_retrieved = extras["retrieved_mask"][index].any(dim=1)
-        retrieved = pool_layers(hidden_states, self.guide.layers, extras["retrieved_mask"])[:, index]
         kwargs = {"form": self.guide.form, "temperature": self.guide.temperature,
                   "step_ratio": self.step_ratio() if self.guide.schedule == "released" else 0.0}
+        total, metrics, count = images.sum() * 0.0, {}, int(index.numel())
         # Samples with and without retrieved text are scored separately (the hinge term needs R) and averaged.
-        total, metrics, count = zero, {}, int(index.numel())
-        for subset in (has_retrieved, ~has_retrieved):
-            if not bool(subset.any()):
-                continue
-            with_r = bool(has_retrieved[subset][0])
+        for subset, with_r in ((has_retrieved, True), (~has_retrieved, False)):
             part, part_metrics = guide_loss(
                 images[:, subset], captions[:, subset], retrieved[:, subset] if with_r else None, **kwargs
             )
-            share = int(subset.sum()) / count
+            share = int(subset.sum()) / count if count else 0.0
             total = total + share * part
-            for key, value in part_metrics.items():
-                metrics[key] = metrics.get(key, 0.0) + share * value.detach().float()
-        metrics["tga/guide_loss"] = total.detach()
+            if share > 0:
+                for key, value in part_metrics.items():
+                    metrics[key] = metrics.get(key, 0.0) + share * value.detach().float()
+        if count:
+            metrics["tga/guide_loss"] = total.detach()
         return total, metrics
 
     # ---- logging ----

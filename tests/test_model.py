@@ -1,0 +1,126 @@
+"""The VLM: assembly from pretrained parts, projector types, HF-native save/load, generation, stage-1 projector import."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from tga.errors import ConfigError
+from tga.model.projector import MLPProjector, build_projector, projector_depth
+from tga.model.tokenizer import load_tokenizer
+from tga.model.vlm import build_vlm, load_vlm
+from tga.train.checkpoint import build_processor, load_projector, read_projector_state, save_projector
+from tga.train.stages import apply_stage, trainable_components
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_assets):
+    return load_tokenizer(tiny_assets["llm"])
+
+
+def make_vlm(tiny_assets, tokenizer, projector_type="mlp2x_gelu"):
+    torch.manual_seed(0)
+    return build_vlm(tiny_assets["llm"], tiny_assets["vision"], tokenizer, projector_type=projector_type)
+
+
+def batch(model, tokenizer):
+    image_id = model.config.image_token_id
+    ids = torch.tensor([[tokenizer.bos_token_id] + [image_id] * model.config.image_seq_length + [400, 500, 600]])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(1, 3, 32, 32)}
+
+
+def test_assembled_model_keeps_pretrained_weights(tiny_assets, tokenizer):
+    from transformers import AutoModelForCausalLM, CLIPVisionModel
+
+    model = make_vlm(tiny_assets, tokenizer)
+    llm = AutoModelForCausalLM.from_pretrained(tiny_assets["llm"])
+    vision = CLIPVisionModel.from_pretrained(tiny_assets["vision"])
+    assert torch.equal(model.model.language_model.layers[1].mlp.down_proj.weight, llm.model.layers[1].mlp.down_proj.weight)
+    assert torch.equal(model.lm_head.weight[:32000], llm.lm_head.weight[:32000])
+    assert torch.equal(model.model.vision_tower.embeddings.patch_embedding.weight,
+                       vision.embeddings.patch_embedding.weight)
+    assert model.lm_head.weight.shape[0] % 64 == 0 and model.lm_head.weight.shape[0] >= len(tokenizer)
+    assert model.config.image_seq_length == 16 and model.config.vision_feature_layer == -2
+    assert model.config.vision_feature_select_strategy == "default"
+
+
+def test_saved_folder_loads_with_plain_transformers_same_logits_and_generates(tiny_assets, tokenizer, tmp_path):
+    model = make_vlm(tiny_assets, tokenizer).eval()
+    inputs = batch(model, tokenizer)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    from tga.model.vision import load_image_processor
+
+    build_processor(model, tokenizer, load_image_processor(tiny_assets["vision"])).save_pretrained(tmp_path)
+    loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(**inputs).logits, expected, atol=1e-5)
+        generated = loaded.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert generated.shape == (1, inputs["input_ids"].shape[1] + 5)
+    processor = AutoProcessor.from_pretrained(tmp_path)  # expands <image> exactly like the training data pipeline
+    from PIL import Image
+
+    encoded = processor(images=Image.new("RGB", (32, 32)), text="<image>\nhi", return_tensors="pt")
+    assert int((encoded["input_ids"] == model.config.image_token_id).sum()) == model.config.image_seq_length
+
+
+@pytest.mark.parametrize("projector_type, depth", [("linear", 1), ("mlp3x_gelu", 3)])
+def test_other_projector_types_round_trip(tiny_assets, tokenizer, tmp_path, projector_type, depth):
+    model = make_vlm(tiny_assets, tokenizer, projector_type).eval()
+    assert isinstance(model.model.multi_modal_projector, MLPProjector) and projector_depth(projector_type) == depth
+    inputs = batch(model, tokenizer)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    model.save_pretrained(tmp_path)
+    loaded = load_vlm(str(tmp_path)).eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(**inputs).logits, expected, atol=1e-5)
+
+
+def test_projector_type_errors(tiny_assets, tokenizer):
+    config = make_vlm(tiny_assets, tokenizer).config
+    with pytest.raises(ConfigError, match="mm_projector_type `mlpx_relu`"):
+        build_projector("mlpx_relu", config)
+    assert isinstance(build_projector("identity", config), torch.nn.Identity)  # 64 == 64 in the tiny model
+
+
+def test_stage1_projector_file_and_llava_bin_import(tiny_assets, tokenizer, tmp_path):
+    source = make_vlm(tiny_assets, tokenizer)
+    path = save_projector(source, str(tmp_path))
+    assert set(load_file(path)) == {"linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"}
+    target = make_vlm(tiny_assets, tokenizer)
+    torch.nn.init.zeros_(target.model.multi_modal_projector.linear_1.weight)
+    load_projector(target, path)
+    assert torch.equal(target.model.multi_modal_projector.linear_1.weight,
+                       source.model.multi_modal_projector.linear_1.weight)
+    # LLaVA's original layout: nn.Sequential(Linear, GELU, Linear) under model.mm_projector
+    projector = source.model.multi_modal_projector
+    llava_state = {"model.mm_projector.0.weight": projector.linear_1.weight, "model.mm_projector.0.bias": projector.linear_1.bias,
+                   "model.mm_projector.2.weight": projector.linear_2.weight, "model.mm_projector.2.bias": projector.linear_2.bias}
+    torch.save({k: v.detach().clone() for k, v in llava_state.items()}, tmp_path / "mm_projector.bin")
+    assert torch.equal(read_projector_state(str(tmp_path / "mm_projector.bin"))["linear_2.weight"],
+                       projector.linear_2.weight)
+    torch.save({"model.layers.0.weight": torch.zeros(1)}, tmp_path / "bad.bin")
+    with pytest.raises(ConfigError, match="not LLaVA projector keys"):
+        read_projector_state(str(tmp_path / "bad.bin"))
+    wrong = make_vlm(tiny_assets, tokenizer, "mlp3x_gelu")
+    with pytest.raises(ConfigError, match="missing"):
+        load_projector(wrong, path)
+
+
+@pytest.mark.parametrize("stage, flags, trainable", [
+    ("pretrain", {}, {"projector"}),
+    ("finetune", {}, {"projector", "llm"}),
+    ("finetune", {"freeze_backbone": True}, {"projector"}),
+    ("finetune", {"tune_mm_mlp_adapter": True}, {"projector"}),
+])
+def test_stages_freeze_the_right_components(tiny_assets, tokenizer, stage, flags, trainable):
+    model = make_vlm(tiny_assets, tokenizer)
+    components = trainable_components(stage, **flags)
+    assert components == trainable
+    apply_stage(model, components)
+    assert not any(p.requires_grad for p in model.model.vision_tower.parameters())
+    assert all(p.requires_grad for p in model.model.multi_modal_projector.parameters())
+    assert all(p.requires_grad == ("llm" in trainable) for p in model.model.language_model.parameters())
