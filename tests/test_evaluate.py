@@ -212,3 +212,11 @@ def test_cli_errors_name_the_model_folder_scene_folder_and_image(tmp_path, scene
     args = parse_cli(["evaluate", "dsr", "--model", str(model), "--data", str(scenes), "--out", out, "--judge", "llm"])
     with pytest.raises(ConfigError, match="--judge_model"):
         args.func(args)
+
+
+def test_tga_command_prints_a_clean_error(tmp_path, capsys):
+    from tga.cli import main
+
+    assert main(["evaluate", "dsr", "--model", str(tmp_path / "gone"), "--data", str(tmp_path), "--out", "o"]) == 2
+    error = capsys.readouterr().err
+    assert "gone" in error and "Traceback" not in error

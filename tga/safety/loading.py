@@ -8,8 +8,6 @@ is a clear error, and never runs remote code.
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import torch
@@ -31,9 +29,9 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 
 def is_vlm_dir(model_dir: str) -> bool:
     """Whether the folder holds a Llava (vision-language) checkpoint rather than a plain causal LM."""
-    ensure_model_dir(model_dir)
-    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as handle:
-        return json.load(handle).get("model_type") == "llava"
+    from tga.model.vlm import is_vlm_checkpoint
+
+    return is_vlm_checkpoint(ensure_model_dir(model_dir))
 
 
 def load_chat(model_dir: str, *, device: str = "cpu", dtype: str | None = None) -> Any:
