@@ -1,0 +1,71 @@
+"""Configuration: YAML + flag overrides, LLaVA flags, precision checks, and every shipped recipe parses."""
+
+import glob
+
+import pytest
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+from tga.config import config_argv, parse_config
+from tga.errors import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_deepspeed_state():
+    yield
+    unset_hf_deepspeed_config()
+
+
+def write_yaml(tmp_path, text):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_flags_override_yaml_and_llava_flags_are_accepted(tmp_path):
+    path = write_yaml(tmp_path, "data_path: a.json\nlearning_rate: 1.0e-3\nversion: plain\noutput_dir: out\n")
+    argv = ["--local_rank=0", path, "--learning_rate", "2e-6", "--warmup_ratio", "0.03", "--version", "v1",
+            "--mm_projector_type", "mlp2x_gelu", "--mm_vision_select_layer", "-2", "--tune_mm_mlp_adapter", "True",
+            "--group_by_modality_length", "True", "--evaluation_strategy", "no", "--lazy_preprocess", "True",
+            "--image_aspect_ratio", "pad", "--tga", "true", "--tga_layers", "10-18"]
+    model_args, data_args, tga_args, training_args = parse_config(argv)
+    assert training_args.learning_rate == 2e-6 and training_args.warmup_steps == 0.03
+    assert model_args.version == "v1" and model_args.tune_mm_mlp_adapter and tga_args.tga
+    assert training_args.group_by_modality_length and not training_args.remove_unused_columns
+    assert data_args.data_path == "a.json"
+
+
+def test_yaml_lists_and_bools_become_flags(tmp_path):
+    path = write_yaml(tmp_path, "tga: true\ntga_layers: [10, 12, 14]\n")
+    assert config_argv([path]) == ["--tga", "true", "--tga_layers", "10,12,14"]
+
+
+@pytest.mark.parametrize("flags, config, message", [
+    (["--bf16", "true"], "deepspeed_configs/zero3_fp32.json", "--bf16 true contradicts"),
+    (["--fp16"], "deepspeed_configs/zero3_fp32.json", "--fp16 true contradicts"),
+    (["--bf16", "true", "--fp16", "true"], "deepspeed_configs/zero3.json", "both set"),
+])
+def test_precision_contradicting_deepspeed_is_an_error_before_anything_is_built(flags, config, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(["--data_path", "x.json", "--output_dir", "o", "--deepspeed", config, *flags])
+
+
+def test_invalid_options_are_named():
+    with pytest.raises(ConfigError, match="--tga_form `cosine`"):
+        parse_config(["--data_path", "x.json", "--output_dir", "o", "--tga_form", "cosine"])
+    with pytest.raises(ConfigError, match="mm_use_im_start_end"):
+        parse_config(["--data_path", "x.json", "--output_dir", "o", "--mm_use_im_start_end", "true"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        parse_config(["missing.yaml"])
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob("configs/pretrain/*.yaml") + glob.glob("configs/finetune/*.yaml")))
+def test_every_shipped_training_recipe_parses(path):
+    model_args, data_args, tga_args, training_args = parse_config([path])
+    assert training_args.deepspeed and data_args.data_path and training_args.output_dir
+    if "mistral7b" in path:
+        stage2 = "finetune" in path
+        assert model_args.model_name_or_path == "mistralai/Mistral-7B-Instruct-v0.2"
+        assert training_args.learning_rate == (2e-6 if stage2 else 1e-3)
+        assert training_args.per_device_train_batch_size == (4 if stage2 else 32)
+        assert training_args.num_train_epochs == 1 and training_args.lr_scheduler_type == "cosine"
+        assert tga_args.tga == ("tga" in path)

@@ -1,0 +1,153 @@
+"""Both stages end to end under `deepspeed --num_gpus 2` (CPU, gloo, ZeRO-3), with and without TGA.
+
+Runs are launched once per module (about 30 s each) and the tests read their outputs.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tga.align import pool_layers
+from tga.data.dataset import SampleBuilder
+from tga.data.records import load_records
+from tga.data.templates import get_template
+from tga.model.tokenizer import image_token_id, load_tokenizer
+from tga.model.vision import load_image_processor
+from tga.model.vlm import load_vlm
+from tga.train.distributed import free_port
+
+pytestmark = pytest.mark.distributed
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAYERS = [1, 2, 3]
+
+
+def launch(script, config, output_dir, assets, *flags):
+    command = [
+        os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+        os.path.join(REPO, "scripts", script), os.path.join(REPO, config),
+        "--model_name_or_path", assets["llm"], "--vision_tower", assets["vision"], "--image_folder", assets["image_folder"],
+        "--output_dir", output_dir, "--deepspeed", os.path.join(REPO, "deepspeed_configs/zero3_fp32.json"),
+        "--logging_steps", "1", *flags,
+    ]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_assets, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    # A known starting projector, so the test can tell that stage 1 changed it.
+    from tga.model.vlm import build_vlm
+
+    torch.manual_seed(0)
+    initial = build_vlm(tiny_assets["llm"], tiny_assets["vision"], load_tokenizer(tiny_assets["llm"]))
+    projector0 = str(root / "projector0.safetensors")
+    save_file({k: v.contiguous() for k, v in initial.model.multi_modal_projector.state_dict().items()}, projector0)
+    common = ["--num_train_epochs", "4"]
+    out = {"projector0": projector0}
+    out["stage1"] = launch("pretrain.py", "configs/pretrain/tiny_cpu.yaml", str(root / "s1"), tiny_assets,
+                           "--data_path", tiny_assets["stage1"], "--pretrain_mm_mlp_adapter", projector0,
+                           "--save_full_model", "true", *common)
+    stage1_projector = os.path.join(out["stage1"], "mm_projector.safetensors")
+    stage2 = ["--data_path", tiny_assets["stage2"], "--pretrain_mm_mlp_adapter", stage1_projector, *common]
+    out["stage2"] = launch("finetune.py", "configs/finetune/tiny_cpu.yaml", str(root / "s2"), tiny_assets, *stage2)
+    out["stage2_tga"] = launch("finetune.py", "configs/finetune/tiny_cpu_tga.yaml", str(root / "s2_tga"), tiny_assets,
+                               *stage2, "--tga_layers", "1-3")
+    return out
+
+
+def weights(folder):
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def split(state):
+    parts = {"vision": {}, "projector": {}, "llm": {}}
+    for key, value in state.items():
+        part = "vision" if "vision_tower" in key else "projector" if "multi_modal_projector" in key else "llm"
+        parts[part][key] = value
+    return parts
+
+
+def equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def losses(folder):
+    with open(os.path.join(folder, "trainer_state.json")) as handle:
+        return [entry["loss"] for entry in json.load(handle)["log_history"] if "loss" in entry]
+
+
+def test_stage1_changes_only_the_projector(runs, tiny_assets):
+    stage1 = split(weights(runs["stage1"]))
+    from safetensors.torch import load_file as load
+
+    source_llm = load(os.path.join(tiny_assets["llm"], "model.safetensors"))
+    source_vision = load(os.path.join(tiny_assets["vision"], "model.safetensors"))
+    for key, value in stage1["llm"].items():  # llava-hf layout: language_model.model.* / language_model.lm_head.*
+        source = source_llm[key.removeprefix("language_model.")]
+        assert torch.equal(value[: source.shape[0]], source), key
+    for key, value in stage1["vision"].items():
+        assert torch.equal(value, source_vision[key.removeprefix("vision_tower.")]), key
+    projector0 = load(runs["projector0"])
+    trained = load(os.path.join(runs["stage1"], "mm_projector.safetensors"))
+    assert trained.keys() == projector0.keys() and not any(torch.equal(trained[k], projector0[k]) for k in trained)
+    assert all(torch.equal(trained[k], stage1["projector"]["multi_modal_projector." + k]) for k in trained)
+
+
+def test_stage2_changes_llm_and_projector_not_vision(runs):
+    stage1, stage2 = split(weights(runs["stage1"])), split(weights(runs["stage2"]))
+    assert equal(stage1["vision"], stage2["vision"])
+    assert not any(torch.equal(stage1["projector"][k], stage2["projector"][k]) for k in stage1["projector"])
+    changed = [k for k in stage1["llm"] if not torch.equal(stage1["llm"][k], stage2["llm"][k])]
+    assert len(changed) > 0.9 * len(stage1["llm"])
+
+
+@pytest.mark.parametrize("run", ["stage1", "stage2", "stage2_tga"])
+def test_loss_falls_over_repeated_epochs(runs, run):
+    values = losses(runs[run])
+    assert len(values) >= 8
+    assert sum(values[-3:]) / 3 < sum(values[:3]) / 3
+
+
+def test_tga_logs_guide_metrics_and_plots(runs):
+    with open(os.path.join(runs["stage2_tga"], "trainer_state.json")) as handle:
+        history = json.load(handle)["log_history"]
+    keys = set().union(*history)
+    assert {"tga/cos_ic/L1", "tga/cos_ic/L3", "tga/cos_rc/L2", "tga/specificity/L2", "tga/pair", "tga/hinge"} <= keys
+    assert os.path.exists(os.path.join(runs["stage2_tga"], "loss_curve.png"))
+
+
+def mean_image_caption_cosine(folder, assets) -> float:
+    """Mean over layers 1-3 and the guide samples of cos(pooled image states, pooled caption states)."""
+    model, tokenizer = load_vlm(folder).eval(), load_tokenizer(folder)
+    builder = SampleBuilder(tokenizer=tokenizer, template=get_template("llava_llama_2"),
+                            image_processor=load_image_processor(folder), image_folder=assets["image_folder"],
+                            image_token_id=image_token_id(tokenizer), num_image_tokens=model.config.image_seq_length,
+                            caption_target=True)
+    cosines = []
+    for record in load_records(assets["stage2"]):
+        sample = builder.build(record)
+        if not sample["guide"]:
+            continue
+        with torch.no_grad():
+            hidden = model(input_ids=sample["input_ids"][None], pixel_values=sample["pixel_values"][None],
+                           output_hidden_states=True).hidden_states
+            caption = model.model.language_model(input_ids=sample["caption_input_ids"][None],
+                                                 output_hidden_states=True).hidden_states
+        image_states = pool_layers(hidden, LAYERS, sample["image_mask"][None])
+        caption_states = pool_layers(caption, LAYERS, sample["caption_mask"][None])
+        cosines.append(torch.nn.functional.cosine_similarity(image_states, caption_states, dim=-1).mean())
+    return float(torch.stack(cosines).mean())
+
+
+def test_tga_raises_image_caption_similarity_over_the_same_run_without_it(runs, tiny_assets):
+    with_tga = mean_image_caption_cosine(runs["stage2_tga"], tiny_assets)
+    without = mean_image_caption_cosine(runs["stage2"], tiny_assets)
+    assert with_tga > without + 0.05, (with_tga, without)
