@@ -1,0 +1,44 @@
+# tga: set-up, tests and the built-in demo. `make demo` and `make test` work on a fresh clone (they install first).
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export DS_BUILD_OPS ?= 0
+
+.PHONY: install test test-fast demo tiny lint format clean
+
+install: $(STAMP)
+
+# torch is installed first and pinned: an unpinned resolve pulls another build (see docs/installation.md).
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+test: install
+	$(BIN)/pytest -q
+
+test-fast: install
+	$(BIN)/pytest -q -m "not distributed"
+
+# The built-in demo: the tiny CPU recipe end to end (both stages under DeepSpeed ZeRO-3 on 2 CPU ranks, with TGA),
+# then a generation from the trained model.
+demo: install
+	$(BIN)/tga data make-tiny runs/tiny/assets
+	$(BIN)/deepspeed --num_gpus 2 scripts/pretrain.py configs/pretrain/tiny_cpu_tga.yaml --save_full_model true
+	$(BIN)/deepspeed --num_gpus 2 scripts/finetune.py configs/finetune/tiny_cpu_tga.yaml
+	$(BIN)/tga chat --model runs/tiny/finetune_tga --image runs/tiny/assets/data/images/img_0001.png \
+		"What colour is the shape?" --max_new_tokens 16
+
+lint: install
+	$(BIN)/ruff check tga tests scripts benchmarks
+
+format: install
+	$(BIN)/ruff format tga tests scripts benchmarks
+
+clean:
+	rm -rf runs
