@@ -1,0 +1,153 @@
+"""benchmarks/tga_overhead.py
+
+Step time and peak memory of one stage-2 training step (forward + backward + AdamW) for the same model and batch:
+  plain     next-token CE only (the LLaVA baseline)
+  tga       CE + our guide loss: one forward with hidden states, a no-grad caption pass of the base LM, pooling
+  released  CE + the released code's approach: a second full forward of the batch with output_attentions and all
+            hidden states (eager attention), plus the caption pass; its guide loss made differentiable here
+
+Each variant runs in its own process (so peak RSS is its own), one after the other in one invocation; ratios are
+printed against `plain`. Model: an 8-layer, 256-wide Mistral-architecture LLM with 576 image tokens (336 px, patch 14)
+and 300 text tokens per sample. Targets (docs/architecture.md): tga/plain <= 1.10 time and <= 1.05 peak memory.
+
+    .venv/bin/python benchmarks/tga_overhead.py [--steps 5] [--batch 2] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+VARIANTS = ("plain", "tga", "released")
+LAYERS = [3, 4, 5, 6]
+
+
+def build(tmp: str, device: str):
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, MistralConfig,
+                              MistralForCausalLM)
+
+    from tga.model.tokenizer import load_tokenizer
+    from tga.model.vlm import build_vlm
+    from tga.tiny import mistral_tokenizer_file
+
+    torch.manual_seed(0)
+    llm_dir, vision_dir = os.path.join(tmp, "llm"), os.path.join(tmp, "vision")
+    os.makedirs(llm_dir)
+    import shutil
+
+    shutil.copy(mistral_tokenizer_file(), os.path.join(llm_dir, "tokenizer.model"))
+    MistralForCausalLM(MistralConfig(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=8,
+                                     num_attention_heads=8, num_key_value_heads=4)).save_pretrained(llm_dir)
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                     image_size=336, patch_size=14)).save_pretrained(vision_dir)
+    CLIPImageProcessor().save_pretrained(vision_dir)
+    tokenizer = load_tokenizer(llm_dir)
+    model = build_vlm(llm_dir, vision_dir, tokenizer).to(device)
+    model.model.vision_tower.requires_grad_(False)
+    return model, tokenizer
+
+
+def make_batch(model, batch_size: int, device: str) -> dict:
+    generator = torch.Generator().manual_seed(1)
+    image_id, n_image = model.config.image_token_id, model.config.image_seq_length
+    text = torch.randint(100, 30000, (batch_size, 300), generator=generator)
+    ids = torch.cat([text[:, :20], torch.full((batch_size, n_image), image_id), text[:, 20:]], dim=1)
+    labels = ids.clone()
+    labels[:, : 20 + n_image + 100] = -100
+    image_mask = ids == image_id
+    retrieved_mask = torch.zeros_like(image_mask)
+    retrieved_mask[:, 5:15] = True
+    caption = torch.randint(100, 30000, (batch_size, 40), generator=generator)
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
+             "pixel_values": torch.randn(batch_size, 3, 336, 336, generator=generator), "image_mask": image_mask,
+             "retrieved_mask": retrieved_mask, "guide_index": torch.arange(batch_size), "caption_input_ids": caption,
+             "caption_attention_mask": torch.ones_like(caption), "caption_mask": torch.ones_like(caption, dtype=torch.bool)}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def run_variant(variant: str, steps: int, batch_size: int, device: str) -> dict:
+    from tga.align import guide_loss, pool_layers
+    from tga.config import TrainingArguments
+    from tga.train.trainer import GuideSettings, TGATrainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model, tokenizer = build(tmp, device)
+        args = TrainingArguments(output_dir=tmp, report_to="none", use_cpu=device == "cpu")
+        trainer = TGATrainer(model=model, args=args, processing_class=tokenizer, guide=GuideSettings(layers=LAYERS))
+    batch = make_batch(model, batch_size, device)
+    model_inputs = {k: batch[k] for k in ("input_ids", "labels", "attention_mask", "pixel_values")}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step():
+        outputs = model(**model_inputs, output_hidden_states=variant == "tga")
+        loss = outputs.loss
+        if variant == "tga":
+            loss = loss + trainer.guide_term(model, outputs.hidden_states, batch)[0]
+        elif variant == "released":
+            model.set_attn_implementation("eager")
+            second = model(**{k: v for k, v in model_inputs.items() if k != "labels"}, output_attentions=True,
+                           output_hidden_states=True)
+            model.set_attn_implementation("sdpa")
+            with torch.no_grad():
+                caption = model.model.language_model(input_ids=batch["caption_input_ids"], output_hidden_states=True)
+            images = pool_layers(second.hidden_states, LAYERS, batch["image_mask"])
+            retrieved = pool_layers(second.hidden_states, LAYERS, batch["retrieved_mask"])
+            captions = pool_layers(caption.hidden_states, LAYERS, batch["caption_mask"])
+            loss = loss + guide_loss(images, captions, retrieved, form="released")[0]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # warm-up (allocations, optimizer state)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return {"variant": variant, "step_s": sorted(times)[len(times) // 2], "peak_mb": peak,
+            "rss_after_warmup_mb": rss_before / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args.variant, args.steps, args.batch, args.device)))
+        return
+    results = {}
+    for variant in VARIANTS:
+        output = subprocess.run([sys.executable, __file__, "--variant", variant, "--steps", str(args.steps),
+                                 "--batch", str(args.batch), "--device", args.device],
+                                capture_output=True, text=True, check=True).stdout
+        results[variant] = json.loads(output.strip().splitlines()[-1])
+    base = results["plain"]
+    print(f"device={args.device} batch={args.batch} tokens/sample={300 + 576} layers=8 hidden=256 "
+          f"median of {args.steps} steps")
+    print(f"{'variant':10s} {'step s':>8s} {'peak MB':>9s} {'time/plain':>11s} {'peak/plain':>11s}")
+    for variant, r in results.items():
+        print(f"{variant:10s} {r['step_s']:8.3f} {r['peak_mb']:9.0f} {r['step_s'] / base['step_s']:11.3f} "
+              f"{r['peak_mb'] / base['peak_mb']:11.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""The guide term inside TGATrainer: gradients reach the projector and the LLM below the deepest target layer, never
+the vision tower; the caption pass and masks select the intended states."""
+
+import pytest
+import torch
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+from tga.config import TrainingArguments
+from tga.data.collator import VLMCollator
+from tga.data.dataset import SampleBuilder
+from tga.data.records import load_records
+from tga.data.templates import get_template
+from tga.model.tokenizer import image_token_id, load_tokenizer
+from tga.model.vision import load_image_processor
+from tga.model.vlm import build_vlm
+from tga.train.stages import apply_stage, trainable_components
+from tga.train.trainer import GuideSettings, TGATrainer
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_assets, tmp_path_factory):
+    tokenizer = load_tokenizer(tiny_assets["llm"])
+    torch.manual_seed(0)
+    model = build_vlm(tiny_assets["llm"], tiny_assets["vision"], tokenizer)
+    builder = SampleBuilder(tokenizer=tokenizer, template=get_template("llava_llama_2"),
+                            image_processor=load_image_processor(tiny_assets["vision"]),
+                            image_folder=tiny_assets["image_folder"], image_token_id=image_token_id(tokenizer),
+                            num_image_tokens=model.config.image_seq_length, use_retrieved=True, caption_target=True)
+    records = load_records(tiny_assets["stage2"])[:8]
+    batch = VLMCollator(tokenizer.pad_token_id)([builder.build(r) for r in records])
+    batch["records"] = records
+    args = TrainingArguments(output_dir=str(tmp_path_factory.mktemp("out")), report_to="none")
+    yield model, tokenizer, batch, args
+    unset_hf_deepspeed_config()
+
+
+def guide_backward(model, tokenizer, batch, args, stage, layers):
+    apply_stage(model, trainable_components(stage))
+    model.zero_grad(set_to_none=True)
+    trainer = TGATrainer(model=model, args=args, processing_class=tokenizer, guide=GuideSettings(layers=layers))
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+    hidden = model(**inputs, output_hidden_states=True).hidden_states
+    loss, metrics = trainer.guide_term(model, hidden, batch)  # the guide loss alone: no CE
+    assert loss.requires_grad and loss.grad_fn is not None
+    loss.backward()
+    return metrics
+
+
+def grad_norm(parameters):
+    return sum(float(p.grad.abs().sum()) for p in parameters if p.grad is not None)
+
+
+def test_stage1_guide_gradient_reaches_the_projector_only(setup):
+    model, tokenizer, batch, args = setup
+    metrics = guide_backward(model, tokenizer, batch, args, "pretrain", [1, 2])
+    assert grad_norm(model.model.multi_modal_projector.parameters()) > 0
+    assert grad_norm(model.model.vision_tower.parameters()) == 0
+    assert grad_norm(model.model.language_model.parameters()) == 0  # frozen in stage 1
+    assert metrics["cos_ic"].shape == (2,) and metrics["hinge"].item() > 0  # R is in these prompts
+
+
+def test_stage2_guide_gradient_reaches_llm_layers_below_the_deepest_target(setup):
+    model, tokenizer, batch, args = setup
+    guide_backward(model, tokenizer, batch, args, "finetune", [1, 2])
+    layers = model.model.language_model.layers
+    assert grad_norm(model.model.multi_modal_projector.parameters()) > 0
+    assert grad_norm(layers[0].parameters()) > 0 and grad_norm(layers[1].parameters()) > 0
+    # Layer index 2 of the module list produces hidden_states[3]: above the deepest target, it gets no gradient.
+    assert grad_norm(layers[2].parameters()) == 0 and grad_norm(layers[3].parameters()) == 0
+    assert grad_norm(model.model.vision_tower.parameters()) == 0
+
+
+def test_toxic_and_caption_less_samples_are_outside_the_guide(setup):
+    _, _, batch, _ = setup
+    expected = [row for row, r in enumerate(batch["records"]) if r.image and r.caption and not r.toxic]
+    assert batch["guide_index"].tolist() == expected
+    assert any(r.toxic for r in batch["records"]) and any(r.image is None for r in batch["records"])
