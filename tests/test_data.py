@@ -59,13 +59,13 @@ def test_invalid_records_name_the_record_and_file(tmp_path, raw, message):
 def test_jsonl_and_bad_json_line(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text(json.dumps(record("a")) + "\n{not json\n")
-    with pytest.raises(DataError, match=r"data.jsonl:2: not valid JSON"):
+    with pytest.raises(DataError, match=r"data.jsonl:2: invalid JSON"):
         load_records(str(path))
 
 
 def test_missing_corrupt_and_escaping_images_are_named(builder, tmp_path):
-    cases = {"missing": ("nope.png", "image file not found"), "corrupt": ("corrupt.png", "cannot decode image"),
-             "escape": ("../outside.png", "escapes the image folder")}
+    cases = {"missing": ("nope.png", "image not found"), "corrupt": ("corrupt.png", "cannot read image"),
+             "escape": ("../outside.png", "resolves outside the image folder")}
     for record_id, (image, message) in cases.items():
         parsed = parse_record(record(record_id, image=image), 0, "data.json")
         with pytest.raises(DataError) as error:

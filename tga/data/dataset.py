@@ -12,14 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from tga.data.records import Record, resolve_image_path
+from tga.data.records import Record
 from tga.data.templates import Message, PromptTemplate
 from tga.data.tokenize import EncodingError, encode_segments
 from tga.errors import DataError
+from tga.image_io import open_image, resolve_image_path
 
 IMAGE_TOKEN_LENGTH_ESTIMATE = 128  # LLaVA's length proxy for an image when grouping by length
 
@@ -58,15 +59,10 @@ class SampleBuilder:
     caption_target: bool = False  # also build the caption-only pass (TGA)
 
     def load_image(self, record: Record) -> torch.Tensor:
-        path = resolve_image_path(self.image_folder, record.image, record.id)
-        try:
-            with Image.open(path) as handle:
-                image = handle.convert("RGB")
-        except FileNotFoundError as error:
-            raise DataError(f"record {record.id!r}: image file not found: {path}") from error
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
-            raise DataError(f"record {record.id!r}: cannot decode image {path}: {error}") from error
-        return self.process_image(image)
+        label = repr(record.id)
+        if self.image_folder is None:
+            raise DataError(f"record {label} has an image but no --image_folder was given")
+        return self.process_image(open_image(resolve_image_path(self.image_folder, record.image, label), label))
 
     def process_image(self, image: Image.Image) -> torch.Tensor:
         if self.image_aspect_ratio == "pad":

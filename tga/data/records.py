@@ -9,13 +9,12 @@ runs it on every record at start; every problem is a `DataError` naming the reco
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from tga.data.templates import IMAGE_PLACEHOLDER, Message
 from tga.errors import DataError
+from tga.records_io import load_records as read_json_records
 
 USER_ROLES = {"human", "user"}
 ASSISTANT_ROLES = {"gpt", "assistant"}
@@ -32,29 +31,6 @@ class Record:
     retrieved: str | None = None
     toxic: bool = False
     system: str | None = None
-
-
-def read_json_records(path: str) -> list[dict]:
-    """Raw records of a `.json` (list) or `.jsonl` file."""
-    if not os.path.exists(path):
-        raise DataError(f"data file not found: {path}")
-    with open(path, encoding="utf-8") as handle:
-        if path.endswith(".jsonl"):
-            records = []
-            for line_number, line in enumerate(handle, start=1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as error:
-                        raise DataError(f"{path}:{line_number}: not valid JSON ({error.msg})") from error
-            return records
-        try:
-            records = json.load(handle)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise DataError(f"{path}: not valid JSON ({error})") from error
-    if not isinstance(records, list):
-        raise DataError(f"{path}: expected a JSON list of records (or a .jsonl file)")
-    return records
 
 
 def parse_record(raw: object, index: int, source: str) -> Record:
@@ -117,14 +93,3 @@ def iter_data_paths(data_path: str) -> Iterator[str]:
     for part in data_path.split(","):
         if part.strip():
             yield part.strip()
-
-
-def resolve_image_path(image_folder: str | None, image: str, record_id: str) -> str:
-    """The image's path under `image_folder`; a path that escapes the folder is rejected."""
-    if image_folder is None:
-        raise DataError(f"record {record_id!r} has an image but no --image_folder was given")
-    root = os.path.realpath(image_folder)
-    path = os.path.realpath(os.path.join(root, image))
-    if os.path.commonpath([root, path]) != root:
-        raise DataError(f"record {record_id!r}: image path {image!r} escapes the image folder {image_folder}")
-    return path
