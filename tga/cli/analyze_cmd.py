@@ -17,7 +17,7 @@ def _add_runtime(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch_size", type=int, default=8, help="prompts per forward pass")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument(
-        "--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="model dtype (default: as saved)"
+        "--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="model dtype (default: float32)"
     )
 
 

@@ -50,6 +50,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max_new_tokens", type=int, default=256, help="answer length limit")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument(
-        "--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="model dtype (default: as saved)"
+        "--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="model dtype (default: float32)"
     )
     parser.set_defaults(func=_chat)

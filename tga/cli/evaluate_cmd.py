@@ -99,7 +99,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max_new_tokens", type=int, default=128, help="answer length limit")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument(
-        "--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="model dtype (default: as saved)"
+        "--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="model dtype (default: float32)"
     )
     parser.add_argument("--overwrite", action="store_true", help="discard earlier answers in --out")
 

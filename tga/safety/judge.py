@@ -181,20 +181,20 @@ class LLMJudge:
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.unparsed = 0  # verdicts that were neither word; counted as not refused
+        if tokenizer.pad_token is None:
+            raise ConfigError("the LLM judge's tokenizer needs a pad token for batched generation")
 
     @classmethod
     def from_pretrained(
         cls, model_dir: str, *, device: str = "cpu", dtype: str | None = None, **kwargs: Any
     ) -> LLMJudge:
         """Load a judge model and tokenizer from a local folder (never runs remote code)."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         from tga.safety.io import ensure_model_dir
+        from tga.safety.loading import load_causal_lm
 
-        ensure_model_dir(model_dir, "--judge_model")
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        torch_dtype = getattr(torch, dtype) if dtype else None
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device).eval()
+        model, tokenizer = load_causal_lm(ensure_model_dir(model_dir, "--judge_model"), device=device, dtype=dtype)
+        if tokenizer.pad_token is None:  # chat LMs such as LLaMA-2 ship without one; batching needs it
+            tokenizer.pad_token = tokenizer.eos_token
         return cls(model, tokenizer, **kwargs)
 
     def build_prompt(self, question: str, answer: str) -> str:
@@ -217,7 +217,7 @@ class LLMJudge:
         """Judge each (question, answer) pair with batched greedy generation."""
         if len(questions) != len(answers):
             raise ValueError("questions and answers differ in length")
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        pad_id = self.tokenizer.pad_token_id
         device = next(self.model.parameters()).device
         verdicts: list[bool] = []
         for start in range(0, len(answers), self.batch_size):

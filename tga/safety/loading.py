@@ -19,7 +19,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
-    """Map a `--dtype` value to a torch dtype (None keeps the checkpoint's)."""
+    """Map a `--dtype` value to a torch dtype (None: the loaders' default, float32)."""
     if name is None:
         return None
     if name not in DTYPES:
@@ -46,10 +46,10 @@ def load_chat(model_dir: str, *, device: str = "cpu", dtype: str | None = None) 
         The chat model.
     """
     ensure_model_dir(model_dir)
-    parse_dtype(dtype)
+    torch_dtype = parse_dtype(dtype)
     from tga.inference import load_chat_model
 
-    return load_chat_model(model_dir, device=device, dtype=dtype)
+    return load_chat_model(model_dir, device=device, dtype=torch_dtype)
 
 
 def load_causal_lm(model_dir: str, *, device: str = "cpu", dtype: str | None = None) -> tuple[Any, Any]:
@@ -62,5 +62,5 @@ def load_causal_lm(model_dir: str, *, device: str = "cpu", dtype: str | None = N
 
     ensure_model_dir(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=parse_dtype(dtype))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=parse_dtype(dtype) or torch.float32)
     return model.to(device).eval(), tokenizer
