@@ -130,3 +130,12 @@ def test_llm_judge_loads_a_local_chat_model(world):
     # A random tiny LM rarely answers "safe"/"unsafe"; the point is loading, padding and batched generation.
     assert len(verdicts) == 2 and all(isinstance(v, bool) for v in verdicts)
     assert judge.tokenizer.pad_token is not None and judge.model.training is False
+
+
+def test_activation_on_a_plain_llm_folder_without_pad_token(world, tmp_path):
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(world["llm"]).pad_token is None  # the loader must supply one to batch
+    result = run_activation(world["llm"], str(world["root"] / "toxic.txt"), str(tmp_path), batch_size=2)
+    assert result.num_layers == 4 and len(result.layers) == len(TOXIC)
+    assert "▁Sorry" in result.refusal_tokens

@@ -193,8 +193,6 @@ class LLMJudge:
         from tga.safety.loading import load_causal_lm
 
         model, tokenizer = load_causal_lm(ensure_model_dir(model_dir, "--judge_model"), device=device, dtype=dtype)
-        if tokenizer.pad_token is None:  # chat LMs such as LLaMA-2 ship without one; batching needs it
-            tokenizer.pad_token = tokenizer.eos_token
         return cls(model, tokenizer, **kwargs)
 
     def build_prompt(self, question: str, answer: str) -> str:

@@ -56,11 +56,13 @@ def load_causal_lm(model_dir: str, *, device: str = "cpu", dtype: str | None = N
     """Load a plain HF causal LM and its tokenizer from a local folder.
 
     Returns:
-        (model in eval mode on `device`, tokenizer).
+        (model in eval mode on `device`, tokenizer with a pad token for batching).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ensure_model_dir(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=parse_dtype(dtype) or torch.float32)
+    if tokenizer.pad_token is None:  # LLaMA/Mistral folders often ship without one; batching needs it
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return model.to(device).eval(), tokenizer
