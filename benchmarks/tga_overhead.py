@@ -31,8 +31,7 @@ LAYERS = [3, 4, 5, 6]
 
 
 def build(tmp: str, device: str):
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, MistralConfig,
-                              MistralForCausalLM)
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, MistralConfig, MistralForCausalLM
 
     from tga.model.tokenizer import load_tokenizer
     from tga.model.vlm import build_vlm

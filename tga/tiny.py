@@ -16,8 +16,14 @@ import shutil
 
 import torch
 from PIL import Image, ImageDraw
-from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaTokenizer, MistralConfig,
-                          MistralForCausalLM)
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaTokenizer,
+    MistralConfig,
+    MistralForCausalLM,
+)
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
 SHAPES = ("circle", "square", "triangle")

@@ -17,8 +17,14 @@ import os
 
 import torch
 from safetensors import safe_open
-from transformers import (AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, LlavaConfig,
-                          LlavaForConditionalGeneration, MistralConfig)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    CLIPVisionConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    MistralConfig,
+)
 
 from tga.errors import ConfigError
 from tga.model.projector import DEFAULT_PROJECTOR, build_projector
