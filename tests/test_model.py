@@ -64,6 +64,8 @@ def test_saved_folder_loads_with_plain_transformers_same_logits_and_generates(ti
 
     encoded = processor(images=Image.new("RGB", (32, 32)), text="<image>\nhi", return_tensors="pt")
     assert int((encoded["input_ids"] == model.config.image_token_id).sum()) == model.config.image_seq_length
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}])
+    assert prompt.startswith("[INST] <<SYS>>") and prompt.endswith("<image>\nhi [/INST]")  # the training format
 
 
 @pytest.mark.parametrize("projector_type, depth", [("linear", 1), ("mlp3x_gelu", 3)])

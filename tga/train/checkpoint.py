@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlavaProcessor
 
+from tga.data.chat_templates import chat_template
 from tga.errors import ConfigError
 from tga.model.vision import SELECT_STRATEGY
 from tga.train.distributed import gathered, is_main_process
@@ -96,6 +97,7 @@ def build_processor(model, tokenizer, image_processor) -> LlavaProcessor:
         image_processor=image_processor, tokenizer=tokenizer, patch_size=model.config.vision_config.patch_size,
         vision_feature_select_strategy=strategy, image_token="<image>",
         num_additional_image_tokens=1 if strategy in SELECT_STRATEGY.values() else 0,
+        chat_template=chat_template(getattr(model.config, "tga_template", None) or "llava_llama_2"),
     )
 
 
@@ -103,5 +105,7 @@ def save_model_folder(trainer, model, tokenizer, image_processor, output_dir: st
     """A complete HF model folder: weights (consolidated from ZeRO-3 by the Trainer), tokenizer and processor."""
     trainer.save_model(output_dir)
     if is_main_process():
+        # The chat template makes apply_chat_template (transformers, vLLM, lmms-eval) format prompts as training did.
+        tokenizer.chat_template = chat_template(getattr(model.config, "tga_template", None) or "llava_llama_2")
         tokenizer.save_pretrained(output_dir)
         build_processor(model, tokenizer, image_processor).save_pretrained(output_dir)
