@@ -55,11 +55,14 @@ def runs(tiny_assets, tmp_path_factory):
     out["stage1"] = launch("pretrain.py", "configs/pretrain/tiny_cpu.yaml", str(root / "s1"), tiny_assets,
                            "--data_path", tiny_assets["stage1"], "--pretrain_mm_mlp_adapter", projector0,
                            "--save_full_model", "true", *common)
-    stage1_projector = os.path.join(out["stage1"], "mm_projector.safetensors")
-    stage2 = ["--data_path", tiny_assets["stage2"], "--pretrain_mm_mlp_adapter", stage1_projector, *common]
-    out["stage2"] = launch("finetune.py", "configs/finetune/tiny_cpu.yaml", str(root / "s2"), tiny_assets, *stage2)
-    out["stage2_tga"] = launch("finetune.py", "configs/finetune/tiny_cpu_tga.yaml", str(root / "s2_tga"), tiny_assets,
-                               *stage2, "--tga_layers", "1-3")
+    out["stage1_tga"] = launch("pretrain.py", "configs/pretrain/tiny_cpu_tga.yaml", str(root / "s1_tga"), tiny_assets,
+                               "--data_path", tiny_assets["stage1"], "--pretrain_mm_mlp_adapter", projector0,
+                               "--save_full_model", "true", "--tga_layers", "1-3", *common)
+    for name, config, previous in (("stage2", "configs/finetune/tiny_cpu.yaml", "stage1"),
+                                   ("stage2_tga", "configs/finetune/tiny_cpu_tga.yaml", "stage1_tga")):
+        projector = os.path.join(out[previous], "mm_projector.safetensors")
+        out[name] = launch("finetune.py", config, str(root / name), tiny_assets, "--data_path", tiny_assets["stage2"],
+                           "--pretrain_mm_mlp_adapter", projector, *common)
     return out
 
 
@@ -102,6 +105,7 @@ def test_stage1_changes_only_the_projector(runs, tiny_assets):
 
 
 def test_stage2_changes_llm_and_projector_not_vision(runs):
+    # The plain stage-2 run started from the plain stage-1 projector.
     stage1, stage2 = split(weights(runs["stage1"])), split(weights(runs["stage2"]))
     assert equal(stage1["vision"], stage2["vision"])
     assert not any(torch.equal(stage1["projector"][k], stage2["projector"][k]) for k in stage1["projector"])
@@ -109,7 +113,7 @@ def test_stage2_changes_llm_and_projector_not_vision(runs):
     assert len(changed) > 0.9 * len(stage1["llm"])
 
 
-@pytest.mark.parametrize("run", ["stage1", "stage2", "stage2_tga"])
+@pytest.mark.parametrize("run", ["stage1", "stage1_tga", "stage2", "stage2_tga"])
 def test_loss_falls_over_repeated_epochs(runs, run):
     values = losses(runs[run])
     assert len(values) >= 8
@@ -124,15 +128,16 @@ def test_tga_logs_guide_metrics_and_plots(runs):
     assert os.path.exists(os.path.join(runs["stage2_tga"], "loss_curve.png"))
 
 
-def mean_image_caption_cosine(folder, assets) -> float:
-    """Mean over layers 1-3 and the guide samples of cos(pooled image states, pooled caption states)."""
+def mean_image_caption_cosine(folder, assets, data) -> float:
+    """Mean over layers 1-3 and the guide samples of cos(pooled image states, pooled caption states), with the
+    model's own template (plain after stage 1, llava_llama_2 after stage 2)."""
     model, tokenizer = load_vlm(folder).eval(), load_tokenizer(folder)
-    builder = SampleBuilder(tokenizer=tokenizer, template=get_template("llava_llama_2"),
+    builder = SampleBuilder(tokenizer=tokenizer, template=get_template(model.config.tga_template),
                             image_processor=load_image_processor(folder), image_folder=assets["image_folder"],
                             image_token_id=image_token_id(tokenizer), num_image_tokens=model.config.image_seq_length,
                             caption_target=True)
     cosines = []
-    for record in load_records(assets["stage2"]):
+    for record in load_records(assets[data]):
         sample = builder.build(record)
         if not sample["guide"]:
             continue
@@ -147,7 +152,8 @@ def mean_image_caption_cosine(folder, assets) -> float:
     return float(torch.stack(cosines).mean())
 
 
-def test_tga_raises_image_caption_similarity_over_the_same_run_without_it(runs, tiny_assets):
-    with_tga = mean_image_caption_cosine(runs["stage2_tga"], tiny_assets)
-    without = mean_image_caption_cosine(runs["stage2"], tiny_assets)
+@pytest.mark.parametrize("stage, data", [("stage1", "stage1"), ("stage2", "stage2")])
+def test_tga_raises_image_caption_similarity_over_the_same_run_without_it(runs, tiny_assets, stage, data):
+    with_tga = mean_image_caption_cosine(runs[f"{stage}_tga"], tiny_assets, data)
+    without = mean_image_caption_cosine(runs[stage], tiny_assets, data)
     assert with_tga > without + 0.05, (with_tga, without)
