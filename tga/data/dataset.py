@@ -122,8 +122,10 @@ class LazySupervisedDataset(Dataset):
     @property
     def modality_lengths(self) -> list[int]:
         """LLaVA's convention: a word-count length proxy, positive for image records and negative for text-only ones."""
-        lengths = []
-        for record in self.records:
-            words = sum(len(message.content.split()) for message in record.messages)
-            lengths.append(words + IMAGE_TOKEN_LENGTH_ESTIMATE if record.image else -words)
-        return lengths
+        return [modality_length(record) for record in self.records]
+
+
+def modality_length(record: Record) -> int:
+    """The sampler's length proxy of one record: words (+ an image estimate), negative for text-only records."""
+    words = sum(len(message.content.split()) for message in record.messages)
+    return words + IMAGE_TOKEN_LENGTH_ESTIMATE if record.image else -words
