@@ -3,6 +3,7 @@
 Runs are launched once per module (about 30 s each) and the tests read their outputs.
 """
 
+import glob
 import json
 import os
 import subprocess
@@ -61,8 +62,9 @@ def runs(tiny_assets, tmp_path_factory):
     for name, config, previous in (("stage2", "configs/finetune/tiny_cpu.yaml", "stage1"),
                                    ("stage2_tga", "configs/finetune/tiny_cpu_tga.yaml", "stage1_tga")):
         projector = os.path.join(out[previous], "mm_projector.safetensors")
+        checkpoints = ["--save_strategy", "steps", "--save_steps", "16"] if name == "stage2" else []
         out[name] = launch("finetune.py", config, str(root / name), tiny_assets, "--data_path", tiny_assets["stage2"],
-                           "--pretrain_mm_mlp_adapter", projector, *common)
+                           "--pretrain_mm_mlp_adapter", projector, *common, *checkpoints)
     return out
 
 
@@ -157,3 +159,19 @@ def test_tga_raises_image_caption_similarity_over_the_same_run_without_it(runs, 
     with_tga = mean_image_caption_cosine(runs[f"{stage}_tga"], tiny_assets, data)
     without = mean_image_caption_cosine(runs[stage], tiny_assets, data)
     assert with_tga > without + 0.05, (with_tga, without)
+
+
+def test_zero3_checkpoint_exports_to_the_same_weights_as_its_consolidated_copy(runs, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    from tga.export import export_hf_llava, model_from_deepspeed_checkpoint
+
+    checkpoint = sorted(glob.glob(os.path.join(runs["stage2"], "checkpoint-*")), key=lambda p: int(p.rsplit("-", 1)[1]))[-1]
+    from_shards = model_from_deepspeed_checkpoint(checkpoint).state_dict()
+    consolidated = load_vlm(checkpoint).state_dict()  # the Trainer's gathered copy in the same checkpoint
+    assert from_shards.keys() == consolidated.keys()
+    assert all(torch.equal(from_shards[k], consolidated[k]) for k in consolidated)
+    exported = export_hf_llava(runs["stage2"], str(tmp_path / "hf"))
+    model = LlavaForConditionalGeneration.from_pretrained(exported)  # plain transformers, no project code
+    final = load_vlm(runs["stage2"]).state_dict()
+    assert all(torch.equal(model.state_dict()[k], final[k]) for k in final)

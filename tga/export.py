@@ -1,0 +1,98 @@
+"""tga/export.py
+
+`tga export SOURCE OUT --format hf-llava`: a folder that `transformers.LlavaForConditionalGeneration` and
+`AutoProcessor` load with no project code (weights as safetensors, tokenizer and processor with the training chat
+template). SOURCE is a stage-2 output folder, a stage-1 folder saved with `--save_full_model`, or a DeepSpeed
+checkpoint folder (`checkpoint-N` holding `global_stepN/` ZeRO shards), whose shards are consolidated with
+DeepSpeed's own `get_fp32_state_dict_from_zero_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from transformers import AutoConfig, LlavaForConditionalGeneration
+
+from tga.data.chat_templates import chat_template
+from tga.errors import ConfigError
+from tga.model.projector import DEFAULT_PROJECTOR, build_projector
+from tga.model.tokenizer import load_tokenizer
+from tga.model.vision import load_image_processor
+from tga.model.vlm import is_vlm_checkpoint, load_vlm
+from tga.train.checkpoint import build_processor
+
+FORMATS = ("hf-llava",)
+
+
+def is_deepspeed_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "latest"))
+
+
+def has_weights(path: str) -> bool:
+    return any(os.path.exists(os.path.join(path, name)) for name in ("model.safetensors", "model.safetensors.index.json"))
+
+
+def vision_tower_of_run(path: str) -> str | None:
+    """The vision tower a run was trained with, from the resolved config the run wrote at start."""
+    for folder in (path, os.path.dirname(os.path.abspath(path))):
+        config_file = os.path.join(folder, "tga_config.json")
+        if os.path.exists(config_file):
+            with open(config_file, encoding="utf-8") as handle:
+                return json.load(handle).get("ModelArguments", {}).get("vision_tower")
+    return None
+
+
+def image_processor_for(path: str):
+    if os.path.exists(os.path.join(path, "preprocessor_config.json")) or os.path.exists(
+            os.path.join(path, "processor_config.json")):
+        try:
+            return load_image_processor(path)
+        except (OSError, ValueError):
+            pass
+    tower = vision_tower_of_run(path)
+    if tower is None:
+        raise ConfigError(f"{path}: no image processor and no tga_config.json naming the vision tower")
+    return load_image_processor(tower)
+
+
+def model_from_deepspeed_checkpoint(path: str) -> LlavaForConditionalGeneration:
+    """Consolidate ZeRO shards into a Llava model built from the checkpoint's config."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    config = AutoConfig.from_pretrained(path)
+    state = get_fp32_state_dict_from_zero_checkpoint(path)
+    model = LlavaForConditionalGeneration(config)
+    projector_type = getattr(config, "mm_projector_type", DEFAULT_PROJECTOR)
+    if projector_type != DEFAULT_PROJECTOR:
+        model.model.multi_modal_projector = build_projector(projector_type, config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    buffers = {name for name, _ in model.named_buffers()}
+    missing = [key for key in missing if key not in buffers]
+    if missing or unexpected:
+        raise ConfigError(f"{path}: checkpoint does not match its config: missing {missing[:8]}, "
+                          f"unexpected {unexpected[:8]}")
+    return model
+
+
+def export_hf_llava(source: str, out_dir: str) -> str:
+    """Write an HF-native Llava folder for `source`; returns `out_dir`."""
+    if not os.path.isdir(source):
+        raise ConfigError(f"export source not found: {source}")
+    if has_weights(source) and is_vlm_checkpoint(source):
+        model = load_vlm(source)
+    elif is_deepspeed_checkpoint(source):
+        model = model_from_deepspeed_checkpoint(source)
+    else:
+        raise ConfigError(f"{source}: neither a saved VLM folder nor a DeepSpeed checkpoint folder (no `latest` file); "
+                          "stage-1 folders need --save_full_model true")
+    if getattr(model.config, "mm_projector_type", DEFAULT_PROJECTOR) != DEFAULT_PROJECTOR:
+        raise ConfigError(f"{source}: projector type `{model.config.mm_projector_type}` is not part of HF Llava; "
+                          "only mlp2x_gelu exports to hf-llava (load other types with tga.model.vlm.load_vlm)")
+    tokenizer = load_tokenizer(source)
+    tokenizer.chat_template = chat_template(getattr(model.config, "tga_template", None) or "llava_llama_2")
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    build_processor(model, tokenizer, image_processor_for(source)).save_pretrained(out_dir)
+    return out_dir
