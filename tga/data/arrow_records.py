@@ -1,0 +1,300 @@
+"""tga/data/arrow_records.py
+
+Records at LLaVA scale: every `--data_path` part (a JSON/JSONL file, a folder written by `Dataset.save_to_disk`, or
+any `datasets.load_dataset` source) is converted once into an Arrow dataset of validated, normalised records, cached
+under a key of the source (path, size and modification time, or the dataset fingerprint) and memory-mapped by every
+rank and dataloader worker afterwards. The conversion runs `parse_record` on every record in a batched `map`
+(`num_proc` processes), so errors are the in-memory path's `DataError`s naming the record id and the file, and it
+stores the sampler's length column in the same pass. `ArrowRecords` then builds one `Record` per access, so no
+Python list of all records stays in memory; `ArrowSupervisedDataset` is the lazy dataset over it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+
+import datasets
+from datasets import Dataset, DatasetDict, Features, List, Value
+
+from tga.data.dataset import LazySupervisedDataset, SampleBuilder, modality_length
+from tga.data.records import Record, iter_data_paths, parse_record
+from tga.data.templates import Message
+from tga.errors import DataError
+from tga.image_io import resolve_image_path
+from tga.records_io import load_records as read_json_records
+
+FORMAT_VERSION = 1  # bump when parse_record or the stored columns change: old caches are then ignored
+RAW_COLUMN = "raw"  # JSON text of one source record (files are stored raw first, so Arrow infers no schema)
+FEATURES = Features({
+    "id": Value("string"),
+    "roles": List(Value("string")),
+    "contents": List(Value("string")),
+    "image": Value("string"),
+    "caption": Value("string"),
+    "retrieved": Value("string"),
+    "toxic": Value("bool"),
+    "system": Value("string"),
+    "length": Value("int64"),  # the modality-length sampler's proxy (tga.data.dataset.modality_length)
+    "error": Value("string"),  # the DataError of an invalid record (kept, so the cache serves --skip_bad_records too)
+})
+
+
+def default_cache_dir() -> str:
+    """The Arrow record cache: `HF_DATASETS_CACHE/tga_records` unless `--data_cache_dir` says otherwise."""
+    return os.path.join(datasets.config.HF_DATASETS_CACHE, "tga_records")
+
+
+def is_record_file(part: str) -> bool:
+    return part.endswith((".json", ".jsonl"))
+
+
+def _raw_json_rows(path: str, signature: str) -> Iterator[dict]:
+    """Source records as JSON text, in file order (`signature` only keys datasets' own cache)."""
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    yield {RAW_COLUMN: line, "line": number}
+    else:
+        # A JSON list must be parsed whole once; this happens only in the converting process.
+        for record in read_json_records(path):
+            yield {RAW_COLUMN: json.dumps(record, ensure_ascii=False), "line": 0}
+
+
+def _without_nulls(value):
+    """Arrow fills fields a record lacks with None; the JSON record simply did not have them."""
+    if isinstance(value, dict):
+        return {key: _without_nulls(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [_without_nulls(item) for item in value]
+    return value
+
+
+def _decode(batch: dict, row: int, source: str):
+    if RAW_COLUMN not in batch:
+        return _without_nulls({key: column[row] for key, column in batch.items()})
+    try:
+        return json.loads(batch[RAW_COLUMN][row])
+    except json.JSONDecodeError as error:
+        raise DataError(f"{source}:{batch['line'][row]}: invalid JSON ({error.msg})") from error
+
+
+def normalise_batch(batch: dict, indices: list[int], source: str) -> dict:
+    """Validate a batch of source records and return the stored columns (the `map` function of the conversion)."""
+    out = {name: [] for name in FEATURES}
+    for row, index in enumerate(indices):
+        raw = _decode(batch, row, source)  # invalid JSON is fatal, as in the in-memory reader
+        try:
+            record = parse_record(raw, index, source)
+        except DataError as error:
+            out["id"].append(str(raw.get("id", f"#{index}")) if isinstance(raw, dict) else f"#{index}")
+            for name in ("roles", "contents"):
+                out[name].append([])
+            for name in ("image", "caption", "retrieved", "system"):
+                out[name].append(None)
+            out["toxic"].append(False)
+            out["length"].append(0)
+            out["error"].append(str(error))
+            continue
+        out["error"].append(None)
+        out["id"].append(record.id)
+        out["roles"].append([message.role for message in record.messages])
+        out["contents"].append([message.content for message in record.messages])
+        for name in ("image", "caption", "retrieved", "toxic", "system"):
+            out[name].append(getattr(record, name))
+        out["length"].append(modality_length(record))
+    return out
+
+
+def row_to_record(row: dict) -> Record:
+    """The `Record` of one stored row (what `parse_record` returned during the conversion)."""
+    messages = tuple(Message(role, content) for role, content in zip(row["roles"], row["contents"], strict=True))
+    return Record(row["id"], messages, row["image"], row["caption"], row["retrieved"], row["toxic"], row["system"])
+
+
+def _load_source(part: str) -> Dataset:
+    """A saved dataset folder or a `load_dataset` source, as one Dataset (the `train` split of a DatasetDict)."""
+    if os.path.isdir(part) and (os.path.exists(os.path.join(part, "dataset_info.json"))
+                                or os.path.exists(os.path.join(part, "dataset_dict.json"))):
+        loaded = datasets.load_from_disk(part)
+    else:
+        try:
+            loaded = datasets.load_dataset(part)
+        except Exception as error:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ...)
+            raise DataError(f"--data_path {part}: not a JSON/JSONL file, saved dataset folder or loadable dataset "
+                            f"({type(error).__name__}: {error})") from error
+    if isinstance(loaded, DatasetDict):
+        if "train" not in loaded and len(loaded) != 1:
+            raise DataError(f"--data_path {part}: splits {sorted(loaded)}; expected a `train` split")
+        loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
+    return loaded
+
+
+def _source_key(part: str) -> tuple[str, Dataset | None]:
+    """A cache key that changes when the source changes, and the loaded source when it had to be opened for it."""
+    if is_record_file(part):
+        if not os.path.isfile(part):
+            raise DataError(f"records file not found: {part}")
+        stat = os.stat(part)
+        identity, source = f"file:{os.path.abspath(part)}:{stat.st_size}:{stat.st_mtime_ns}", None
+    else:
+        source = _load_source(part)
+        identity = f"dataset:{part}:{source._fingerprint}"
+    digest = hashlib.sha256(f"{identity}:v{FORMAT_VERSION}".encode()).hexdigest()[:24]
+    return f"{os.path.basename(part.rstrip('/')) or 'data'}-{digest}", source
+
+
+def convert(part: str, cache_dir: str, num_proc: int | None = None) -> str:
+    """Convert one `--data_path` part into the Arrow cache unless it is there already; returns its folder.
+
+    Args:
+        part: a JSON/JSONL file, a saved dataset folder or a `load_dataset` source.
+        cache_dir: the cache root (one folder per source version).
+        num_proc: processes for the validation `map` (None: one).
+
+    Returns:
+        The folder holding the converted records (`datasets.load_from_disk` opens it).
+    """
+    key, source = _source_key(part)
+    final = os.path.join(cache_dir, key)
+    if os.path.isdir(final):
+        return final
+    os.makedirs(cache_dir, exist_ok=True)
+    work = tempfile.mkdtemp(prefix=f".{key}.", dir=cache_dir)
+    try:
+        if source is None:
+            signature = key  # part of gen_kwargs: datasets' own generator cache must not outlive a file change
+            source = Dataset.from_generator(_raw_json_rows, gen_kwargs={"path": part, "signature": signature},
+                                            cache_dir=os.path.join(work, "raw"))
+        converted = source.map(
+            normalise_batch, batched=True, with_indices=True, fn_kwargs={"source": part}, features=FEATURES,
+            remove_columns=source.column_names, num_proc=num_proc if num_proc and num_proc > 1 else None,
+            cache_file_name=os.path.join(work, "map", "records.arrow"), desc=f"validating {part}",
+        )
+        converted.save_to_disk(os.path.join(work, "final"))
+        del converted
+        try:
+            os.replace(os.path.join(work, "final"), final)  # atomic: readers see no folder or the whole one
+        except OSError:
+            if not os.path.isdir(final):  # another process finishing first is fine; anything else is not
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return final
+
+
+class ArrowRecords(Sequence[Record]):
+    """Validated records memory-mapped from the Arrow cache; `records[i]` builds one `Record`.
+
+    Args:
+        table: the stored rows (only valid ones).
+        sources: the `--data_path` parts, in order.
+        rejected: bad records left out with `skip_bad`, as `{"id", "source", "stage": "load", "error"}`.
+    """
+
+    def __init__(self, table: Dataset, sources: list[str], rejected: list[dict] | None = None):
+        self.table = table
+        self.sources = sources
+        self.rejected = rejected or []
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        return row_to_record(self.table[int(index)])
+
+    @property
+    def modality_lengths(self) -> list[int]:
+        """The stored length column (computed once, during the conversion)."""
+        return self.table.data.column("length").to_pylist()
+
+
+def _image_errors(table: Dataset, image_folder: str | None) -> Iterator[tuple[int, str]]:
+    """(row, message) for image paths that escape the folder or do not exist: a stat per image, no decoding."""
+    offset = 0
+    for chunk in table.data.column("image").chunks:  # chunk by chunk: never the whole column as Python strings
+        for row, image in enumerate(chunk.to_pylist(), start=offset):
+            if image is None:
+                continue
+            if image_folder is None:
+                yield row, f"record {table[row]['id']!r} has an image but no --image_folder was given"
+                continue
+            try:
+                path = resolve_image_path(image_folder, image, "")
+            except DataError:
+                path = None
+            if path is not None and os.path.isfile(path):
+                continue
+            label = repr(table[row]["id"])  # looked up only for the rare bad row
+            try:
+                path = resolve_image_path(image_folder, image, label)
+            except DataError as error:
+                yield row, str(error)
+                continue
+            yield row, f"record {label}: image not found: {path}"
+        offset += len(chunk)
+
+
+def _checked(table: Dataset, part: str, image_folder: str | None, check_images: bool, skip_bad: bool,
+             rejected: list[dict]) -> Dataset:
+    """The valid rows of one part; without `skip_bad` the first bad record raises its DataError."""
+    errors = table.data.column("error")
+    bad = {}
+    if errors.null_count < len(errors):
+        bad = {row: message for row, message in enumerate(errors.to_pylist()) if message is not None}
+    if check_images:
+        for row, message in _image_errors(table, image_folder):
+            bad.setdefault(row, message)
+            if not skip_bad:
+                break
+    if not bad:
+        return table
+    if not skip_bad:
+        raise DataError(bad[min(bad)])
+    ids = table.select(sorted(bad))["id"]
+    rejected += [{"id": ids[i], "source": part, "stage": "load", "error": bad[row]} for i, row in enumerate(sorted(bad))]
+    return table.select([row for row in range(table.num_rows) if row not in bad])
+
+
+def open_records(data_path: str, *, cache_dir: str | None = None, num_proc: int | None = None,
+                 image_folder: str | None = None, check_images: bool = False, skip_bad: bool = False) -> ArrowRecords:
+    """Open (converting on first use) every part of a `--data_path`, in order.
+
+    Args:
+        data_path: comma-separated JSON/JSONL files, saved dataset folders or `load_dataset` sources.
+        cache_dir: the Arrow cache root (default: `default_cache_dir()`).
+        num_proc: processes for the first conversion's validation.
+        image_folder: where record images are resolved (for `check_images`).
+        check_images: also check that every image path stays inside `image_folder` and exists (a stat each).
+        skip_bad: leave bad records out (listed in `.rejected`) instead of raising the first `DataError`.
+
+    Returns:
+        The valid records of all parts, concatenated in order.
+    """
+    parts = list(iter_data_paths(data_path))
+    cache_dir = cache_dir or default_cache_dir()
+    rejected: list[dict] = []
+    tables = [_checked(datasets.load_from_disk(convert(part, cache_dir, num_proc)), part, image_folder, check_images,
+                       skip_bad, rejected) for part in parts]
+    table = tables[0] if len(tables) == 1 else datasets.concatenate_datasets(tables)
+    return ArrowRecords(table, parts, rejected)
+
+
+class ArrowSupervisedDataset(LazySupervisedDataset):
+    """The lazy dataset over Arrow records: same samples as `LazySupervisedDataset`, length column precomputed."""
+
+    def __init__(self, records: ArrowRecords, builder: SampleBuilder):
+        super().__init__(records, builder)
+
+    @property
+    def modality_lengths(self) -> list[int]:
+        return self.records.modality_lengths
