@@ -1,6 +1,8 @@
 """tga/cli/export_cmd.py
 
-`tga export SOURCE OUT [--format hf-llava]`: an HF-native model folder from a run folder or a DeepSpeed checkpoint.
+Checkpoint conversion in and out of the project:
+`tga export SOURCE OUT [--format hf-llava]`: an HF-native model folder from a run folder or a DeepSpeed checkpoint;
+`tga import-llava SOURCE OUT [--vision_tower PATH] [--version TEMPLATE]`: an original LLaVA checkpoint in HF layout.
 """
 
 from __future__ import annotations
@@ -8,8 +10,15 @@ from __future__ import annotations
 from tga.export import FORMATS, export_hf_llava
 
 
-def run(args) -> int:
+def run_export(args) -> int:
     print(f"exported to {export_hf_llava(args.source, args.out)}")
+    return 0
+
+
+def run_import(args) -> int:
+    from tga.model.llava_import import import_llava_folder
+
+    print(f"imported to {import_llava_folder(args.source, args.out, vision_tower=args.vision_tower, template=args.version)}")
     return 0
 
 
@@ -18,4 +27,10 @@ def register(subparsers) -> None:
     parser.add_argument("source", help="stage-2 output folder, or a DeepSpeed checkpoint-N folder")
     parser.add_argument("out", help="output folder")
     parser.add_argument("--format", choices=FORMATS, default="hf-llava")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run_export)
+    parser = subparsers.add_parser("import-llava", help="convert an original LLaVA checkpoint to the HF Llava layout")
+    parser.add_argument("source", help="LLaVA checkpoint folder (LlavaMistralForCausalLM / LlavaLlamaForCausalLM)")
+    parser.add_argument("out", help="output folder (usable as --model_name_or_path)")
+    parser.add_argument("--vision_tower", help="CLIP checkpoint (default: mm_vision_tower of the LLaVA config)")
+    parser.add_argument("--version", help="conversation template (default: mistral_instruct / vicuna_v1)")
+    parser.set_defaults(func=run_import)

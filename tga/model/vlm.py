@@ -55,17 +55,25 @@ def build_vlm(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str | None = None,
 ) -> LlavaForConditionalGeneration:
-    """A VLM from a pretrained causal LM and a pretrained CLIP vision tower, with a freshly initialised projector.
-
-    The LLM's embeddings are resized to the tokenizer (which has `<image>` and a pad token added), padded to a
-    multiple of 64 like the llava-hf checkpoints.
-    """
+    """A VLM from a pretrained causal LM and a pretrained CLIP vision tower, with a freshly initialised projector."""
     llm_kwargs = {"dtype": dtype}
     if attn_implementation:
         llm_kwargs["attn_implementation"] = attn_implementation
     llm = AutoModelForCausalLM.from_pretrained(llm_path, **llm_kwargs)
-    llm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     vision = load_vision_tower(vision_tower, dtype=dtype)
+    return assemble_vlm(llm, vision, tokenizer, projector_type=projector_type, select_layer=select_layer,
+                        select_feature=select_feature, template=template, dtype=dtype)
+
+
+def assemble_vlm(llm, vision, tokenizer, *, projector_type: str = DEFAULT_PROJECTOR, select_layer: int = -2,
+                 select_feature: str = "patch", template: str = "llava_llama_2",
+                 dtype: torch.dtype = torch.float32) -> LlavaForConditionalGeneration:
+    """Put a loaded causal LM and vision tower into a Llava model with a fresh projector.
+
+    The LLM's embeddings are resized to the tokenizer (which has `<image>` and a pad token added), padded to a
+    multiple of 64 like the llava-hf checkpoints.
+    """
+    llm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     if select_feature not in SELECT_STRATEGY:
         raise ConfigError(f"--mm_vision_select_feature `{select_feature}` must be one of {sorted(SELECT_STRATEGY)}")
     config = LlavaConfig(

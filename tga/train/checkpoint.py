@@ -57,17 +57,25 @@ def read_projector_state(path: str) -> dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
         return load_file(path)
     state = torch.load(path, map_location="cpu", weights_only=True)
+    converted, unknown = llava_projector_state(state)
+    if unknown:
+        raise ConfigError(f"--pretrain_mm_mlp_adapter {path}: keys that are not LLaVA projector keys: {unknown}")
+    return converted
+
+
+def llava_projector_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """LLaVA projector tensors (`model.mm_projector.{i}.*`) renamed to ours, and the keys that are not such tensors.
+
+    LLaVA's projector is nn.Sequential(Linear, GELU, Linear, ...): Linear k sits at index 2(k-1).
+    """
     converted, unknown = {}, []
     for key, tensor in state.items():
         match = _LLAVA_KEY.match(key)
         if match is None:
             unknown.append(key)
-            continue
-        # LLaVA's projector is nn.Sequential(Linear, GELU, Linear, ...): Linear k sits at index 2(k-1).
-        converted[f"linear_{int(match.group(1)) // 2 + 1}.{match.group(2)}"] = tensor
-    if unknown:
-        raise ConfigError(f"--pretrain_mm_mlp_adapter {path}: keys that are not LLaVA projector keys: {unknown}")
-    return converted
+        else:
+            converted[f"linear_{int(match.group(1)) // 2 + 1}.{match.group(2)}"] = tensor
+    return converted, unknown
 
 
 def load_projector(model, path: str) -> None:
