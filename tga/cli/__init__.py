@@ -22,6 +22,7 @@ SUBCOMMANDS = [
     "tga.cli.analyze_cmd",
     "tga.cli.evaluate_cmd",
     "tga.cli.chat_cmd",
+    "tga.cli.unlearn_cmd",
     "tga.cli.export_cmd",
 ]
 

@@ -27,6 +27,7 @@ from tga.model.tokenizer import image_token_id, load_tokenizer
 from tga.model.vision import load_image_processor
 from tga.model.vlm import build_vlm, is_vlm_checkpoint, load_vlm
 from tga.train.checkpoint import load_projector, save_model_folder, save_projector
+from tga.train.cost import CostCallback
 from tga.train.distributed import is_main_process, prepare_process
 from tga.train.plots import plot_training_curves
 from tga.train.stages import apply_stage, trainable_components
@@ -121,6 +122,9 @@ def run_stage(stage: str, argv: list[str]) -> str:
         processing_class=tokenizer, guide=guide_settings(tga_args, model), projector_lr=training_args.mm_projector_lr,
         always_run_all_modules=zero3_multi_rank,
     )
+    if training_args.include_num_input_tokens_seen == "no":
+        training_args.include_num_input_tokens_seen = "non_padding"  # the token count of cost.json
+    trainer.add_callback(CostCallback(training_args.output_dir, f"{'tga' if tga_args.tga else 'llava'}-{stage}"))
     trainer.train(resume_from_checkpoint=resolve_resume(training_args))
     projector_only = stage == "pretrain" and "llm" not in components
     if projector_only:
