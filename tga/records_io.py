@@ -32,8 +32,11 @@ def load_records(path: str) -> list[dict[str, Any]]:
     """
     if not os.path.isfile(path):
         raise DataError(f"records file not found: {path}")
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {error.start}); re-encode the file") from error
     if path.endswith(".jsonl"):
         records = []
         for number, line in enumerate(text.splitlines(), start=1):

@@ -23,6 +23,9 @@ from tga.errors import DataError
 from tga.image_io import open_image, resolve_image_path
 
 IMAGE_TOKEN_LENGTH_ESTIMATE = 128  # LLaVA's length proxy for an image when grouping by length
+# Longer sides are reduced to this before padding: a 10000x10 image would otherwise become a 300 MB square canvas.
+# Far above any vision tower's input size, so ordinary images are untouched.
+MAX_PAD_SIDE = 2048
 
 
 def pad_to_square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
@@ -66,6 +69,10 @@ class SampleBuilder:
 
     def process_image(self, image: Image.Image) -> torch.Tensor:
         if self.image_aspect_ratio == "pad":
+            if max(image.size) > MAX_PAD_SIDE:
+                scale = MAX_PAD_SIDE / max(image.size)
+                image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                     Image.Resampling.BICUBIC)
             mean = getattr(self.image_processor, "image_mean", [0.5, 0.5, 0.5])
             image = pad_to_square(image, tuple(int(channel * 255) for channel in mean))
         return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]

@@ -33,6 +33,14 @@ class Record:
     system: str | None = None
 
 
+def check_unicode(text: str, where: str) -> None:
+    """JSON can carry lone UTF-16 surrogates (`"\\ud800"`), which no tokenizer accepts: reject them here."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise DataError(f"{where}: text holds an invalid Unicode code point at position {error.start}") from error
+
+
 def parse_record(raw: object, index: int, source: str) -> Record:
     """Validate one raw record and normalise it; raises DataError naming the record and the file."""
     if not isinstance(raw, dict):
@@ -64,6 +72,8 @@ def parse_record(raw: object, index: int, source: str) -> Record:
         messages.append(Message(role, turn["value"]))
     if len(messages) < 2:
         raise DataError(f"{where}: needs at least one human turn and one gpt answer")
+    for text in [system or "", *(message.content for message in messages)]:
+        check_unicode(text, where)
     placeholders = sum(message.content.count(IMAGE_PLACEHOLDER) for message in messages)
     expected_placeholders = 1 if image is not None else 0
     if placeholders != expected_placeholders or (image and IMAGE_PLACEHOLDER not in messages[0].content):
@@ -76,6 +86,7 @@ def parse_record(raw: object, index: int, source: str) -> Record:
         value = raw.get(key)
         if value is not None and not isinstance(value, str):
             raise DataError(f"{where}: `{key}` must be a string")
+        check_unicode(value or "", where)
         fields[key] = value.strip() if isinstance(value, str) and value.strip() else None
     toxic = raw.get("toxic", False)
     if not isinstance(toxic, bool):
