@@ -48,6 +48,8 @@ class DataArguments:
     image_aspect_ratio: str = "pad"                     # pad (to square, mean colour) | resize
     use_retrieved_in_prompt: bool = False               # put "Retrieved Text: {R}. " into the first user turn
     skip_bad_records: bool = False                      # skip and count invalid records instead of failing
+    data_cache_dir: str | None = None                   # Arrow record cache (default: HF_DATASETS_CACHE/tga_records)
+    preprocessing_num_workers: int | None = None        # processes validating records in the first Arrow conversion
     lazy_preprocess: bool = True                        # LLaVA flag; preprocessing is always lazy here
     is_multimodal: bool = True                          # LLaVA flag; accepted for compatibility
     # fmt: on
