@@ -20,7 +20,7 @@ from tga.align import load_activation_layer, parse_layer_spec
 from tga.config import config_argv, parse_config
 from tga.data.collator import VLMCollator
 from tga.data.dataset import LazySupervisedDataset, SampleBuilder
-from tga.data.records import iter_data_paths, load_records
+from tga.data.guard import BadRecordLog, GuardedDataset, load_training_records
 from tga.data.templates import get_template
 from tga.errors import ConfigError
 from tga.model.tokenizer import image_token_id, load_tokenizer
@@ -30,6 +30,8 @@ from tga.train.checkpoint import load_projector, save_model_folder, save_project
 from tga.train.cost import CostCallback
 from tga.train.distributed import is_main_process, prepare_process
 from tga.train.plots import plot_training_curves
+from tga.train.preflight import check_output_dir, preflight, storage_error
+from tga.train.resilience import reliability_callbacks, resolve_resume_checkpoint
 from tga.train.stages import apply_stage, trainable_components
 from tga.train.trainer import GuideSettings, TGATrainer
 
@@ -61,7 +63,9 @@ def build_model_and_processors(model_args, training_args):
 
 
 def build_dataset(data_args, tga_args, model, tokenizer, image_processor, training_args, *, stage: str):
-    records = [record for path in iter_data_paths(data_args.data_path) for record in load_records(path)]
+    # The cheap checks of every record (schema, image path inside the folder and present) run here, before any step.
+    records, rejected = load_training_records(data_args.data_path, data_args.image_folder,
+                                              skip_bad=data_args.skip_bad_records)
     if not records:
         raise ConfigError(f"--data_path {data_args.data_path}: no records")
     builder = SampleBuilder(
@@ -71,7 +75,8 @@ def build_dataset(data_args, tga_args, model, tokenizer, image_processor, traini
         image_aspect_ratio=data_args.image_aspect_ratio, use_retrieved=data_args.use_retrieved_in_prompt,
         caption_target=tga_args.tga,
     )
-    return LazySupervisedDataset(records, builder)
+    log = BadRecordLog(training_args.output_dir, rejected)
+    return GuardedDataset(LazySupervisedDataset(records, builder), log, skip_bad=data_args.skip_bad_records)
 
 
 def guide_settings(tga_args, model) -> GuideSettings | None:
@@ -108,6 +113,8 @@ def run_stage(stage: str, argv: list[str]) -> str:
                                       freeze_mm_mlp_adapter=model_args.freeze_mm_mlp_adapter)
     if tga_args.tga_center or tga_args.tga_target != "live":
         raise ConfigError("--tga_center and --tga_target frozen are not available in training yet; use the defaults")
+    if is_main_process():
+        check_output_dir(training_args.output_dir)  # a read-only or missing mount fails now, not at the first save
     write_resolved_config(training_args.output_dir, stage, argv, model_args, data_args, tga_args, training_args)
     started = time.time()
     set_seed(training_args.seed)  # the resized embedding rows and the projector init are random
@@ -116,6 +123,7 @@ def run_stage(stage: str, argv: list[str]) -> str:
         load_projector(model, model_args.pretrain_mm_mlp_adapter)
     apply_stage(model, components)
     dataset = build_dataset(data_args, tga_args, model, tokenizer, image_processor, training_args, stage=stage)
+    preflight(training_args.output_dir, model)
     zero3_multi_rank = training_args.world_size > 1 and bool(training_args.deepspeed)
     trainer = TGATrainer(
         model=model, args=training_args, train_dataset=dataset, data_collator=VLMCollator(tokenizer.pad_token_id),
@@ -125,7 +133,17 @@ def run_stage(stage: str, argv: list[str]) -> str:
     if training_args.include_num_input_tokens_seen == "no":
         training_args.include_num_input_tokens_seen = "non_padding"  # the token count of cost.json
     trainer.add_callback(CostCallback(training_args.output_dir, f"{'tga' if tga_args.tga else 'llava'}-{stage}"))
-    trainer.train(resume_from_checkpoint=resolve_resume(training_args))
+    callbacks, stop = reliability_callbacks(training_args, dataset.log)
+    for callback in callbacks:
+        trainer.add_callback(callback)
+    try:
+        trainer.train(resume_from_checkpoint=resolve_resume(training_args))
+    except OSError as error:
+        raise storage_error(error, training_args.output_dir) or error
+    if stop.stopped:  # SIGTERM: a complete checkpoint is saved; a rerun with --resume_from_checkpoint auto continues
+        logger.warning("stage %s stopped by a signal at step %d; checkpoint saved in %s", stage,
+                       trainer.state.global_step, training_args.output_dir)
+        return training_args.output_dir
     projector_only = stage == "pretrain" and "llm" not in components
     if projector_only:
         save_projector(model, training_args.output_dir)
@@ -142,10 +160,5 @@ def run_stage(stage: str, argv: list[str]) -> str:
 
 
 def resolve_resume(training_args) -> str | bool | None:
-    """`--resume_from_checkpoint auto` resumes from the newest checkpoint in output_dir, if there is one."""
-    value = training_args.resume_from_checkpoint
-    if value != "auto":
-        return value
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+    """`--resume_from_checkpoint auto` resumes from the newest complete checkpoint in output_dir, if there is one."""
+    return resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)

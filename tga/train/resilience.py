@@ -1,0 +1,241 @@
+"""tga/train/resilience.py
+
+Surviving kills during a long run: complete-checkpoint markers, rotation that never removes the last complete
+checkpoint, choosing the checkpoint to resume from, and a clean save-and-stop on SIGTERM.
+
+HF Trainer writes `checkpoint-N/` in place (weights, DeepSpeed states, RNG states, trainer_state.json), so a kill
+while saving leaves a folder that looks like a checkpoint but is not one. `CheckpointGuard.on_save` runs after every
+rank has finished writing, then writes `checkpoint-N/tga_complete.json` (under a temporary name, renamed), listing
+each file and its size. Only folders with a valid marker are resumed from; incomplete folders are set aside as
+`incomplete-checkpoint-N` at resume time so that HF never mistakes them for checkpoints. The guard owns
+`save_total_limit`: the Trainer's own rotation runs before the marker exists, so the guard takes the limit over and
+deletes old checkpoints only once the new one is marked complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import time
+
+import torch
+from transformers import TrainerCallback
+
+from tga.train.distributed import barrier, is_main_process
+
+logger = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "tga_complete.json"
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_files(folder: str) -> dict[str, int]:
+    """Relative path -> size of every file under a checkpoint folder (the marker excluded)."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, folder)
+            if relative != COMPLETE_MARKER and not name.endswith(".tmp"):
+                files[relative] = os.path.getsize(path)
+    return files
+
+
+def mark_complete(folder: str, global_step: int) -> str:
+    """Write the completion marker of a fully written checkpoint folder; returns the marker path."""
+    marker = os.path.join(folder, COMPLETE_MARKER)
+    temporary = f"{marker}.tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump({"global_step": global_step, "time": time.time(), "files": checkpoint_files(folder)}, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, marker)  # the marker appears whole or not at all
+    return marker
+
+
+def is_complete(folder: str) -> bool:
+    """True when `folder` has a readable marker and every file it lists is present with the listed size."""
+    try:
+        with open(os.path.join(folder, COMPLETE_MARKER), encoding="utf-8") as handle:
+            listed = json.load(handle)["files"]
+        return all(os.path.getsize(os.path.join(folder, name)) == size for name, size in listed.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of every `checkpoint-N` folder in output_dir, oldest step first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = CHECKPOINT_NAME.match(name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return sorted(found)
+
+
+def latest_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint folder whose completion marker checks out, or None."""
+    for _, path in reversed(list_checkpoints(output_dir)):
+        if is_complete(path):
+            return path
+    return None
+
+
+def set_aside_incomplete(output_dir: str) -> list[str]:
+    """Rename incomplete `checkpoint-N` folders to `incomplete-checkpoint-N` (rank 0); returns the new paths.
+
+    Kept, not deleted: a user may still want to look at them. HF's own checkpoint discovery no longer sees them.
+    """
+    moved = []
+    if not is_main_process():
+        return moved
+    for _, path in list_checkpoints(output_dir):
+        if not is_complete(path):
+            target = os.path.join(output_dir, f"incomplete-{os.path.basename(path)}")
+            if os.path.exists(target):
+                target = f"{target}-{int(time.time())}"
+            os.replace(path, target)
+            logger.warning("checkpoint %s was not completely written (killed while saving?); moved to %s", path, target)
+            moved.append(target)
+    return moved
+
+
+def resolve_resume_checkpoint(value: str | bool | None, output_dir: str) -> str | bool | None:
+    """What to pass to `Trainer.train(resume_from_checkpoint=...)`.
+
+    Args:
+        value: the `--resume_from_checkpoint` option: None, a folder, or "auto" (newest complete one, if any).
+        output_dir: the run folder holding `checkpoint-N` folders.
+
+    Returns:
+        The checkpoint folder to resume from, or None to start from scratch; other values pass through.
+    """
+    if value != "auto":
+        return value
+    latest = latest_complete_checkpoint(output_dir)
+    set_aside_incomplete(output_dir)
+    barrier()  # no rank starts reading checkpoints while rank 0 renames
+    if latest is not None:
+        logger.info("resuming from the newest complete checkpoint %s", latest)
+    return latest
+
+
+def rotate_complete(output_dir: str, keep: int, protected: set[str]) -> list[str]:
+    """Delete the oldest complete checkpoints beyond `keep`; the newest complete one is always kept."""
+    complete = [path for _, path in list_checkpoints(output_dir) if is_complete(path)]
+    protected = {os.path.abspath(path) for path in protected} | ({os.path.abspath(complete[-1])} if complete else set())
+    removed = []
+    for path in complete:
+        if len(complete) - len(removed) <= max(keep, 1):
+            break
+        if os.path.abspath(path) not in protected:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+class CheckpointGuard(TrainerCallback):
+    """Marks each saved checkpoint complete, then applies `save_total_limit` to complete checkpoints only.
+
+    Args:
+        keep: how many complete checkpoints to keep (None or <= 0: all). Set the Trainer's own
+            `save_total_limit` to None so that it does not delete anything before the marker exists.
+    """
+
+    def __init__(self, keep: int | None):
+        self.keep = keep
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        barrier()  # every rank has written its shards and RNG state
+        if is_main_process() and os.path.isdir(folder):
+            mark_complete(folder, state.global_step)
+            if self.keep is not None and self.keep > 0:
+                protected = {state.best_model_checkpoint} if state.best_model_checkpoint else set()
+                rotate_complete(args.output_dir, self.keep, protected)
+        barrier()
+        return control
+
+
+class GracefulStop(TrainerCallback):
+    """On SIGTERM (or the given signals), save a checkpoint at the end of the current step and stop training.
+
+    The handler only sets this object's flag; at each step end the ranks agree (max over ranks) so that all of them
+    save and stop at the same step, which the collective save needs. The previous handlers come back at train end.
+
+    Args:
+        signals: the signals to catch (default SIGTERM: what SLURM and Kubernetes send before a kill).
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+        self.signals = signals
+        self.requested = False  # set by the handler
+        self.stopped = False  # training stopped because of a signal
+        self.previous: dict[int, object] = {}
+
+    def handle(self, signum, frame) -> None:
+        self.requested = True
+        logger.warning("signal %d received: saving a checkpoint at the end of this step, then stopping", signum)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for number in self.signals:
+            self.previous[number] = signal.signal(number, self.handle)
+        return control
+
+    def agreed(self, args) -> bool:
+        if not torch.distributed.is_initialized():
+            return self.requested
+        flag = torch.tensor([1 if self.requested else 0], device=args.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.agreed(args):
+            self.stopped = True
+            control.should_save = True  # even with save_strategy "no": the run must be resumable
+            control.should_training_stop = True
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+        self.previous.clear()
+        return control
+
+
+class BadRecordsReport(TrainerCallback):
+    """Writes `bad_records.json` at the end of training (also after a SIGTERM stop), once every rank is done.
+
+    Args:
+        log: the run's `tga.data.guard.BadRecordLog`.
+    """
+
+    def __init__(self, log):
+        self.log = log
+
+    def on_train_end(self, args, state, control, **kwargs):
+        barrier()
+        if is_main_process():
+            report = self.log.collect()
+            path = self.log.write()
+            if report["num_skipped"] or report["num_truncated"]:
+                logger.warning("%d bad record(s) skipped, %d sample(s) truncated to model_max_length: see %s",
+                               report["num_skipped"], report["num_truncated"], path)
+        return control
+
+
+def reliability_callbacks(training_args, log) -> tuple[list[TrainerCallback], GracefulStop]:
+    """The callbacks of a training run, and the stop callback (to ask whether a signal ended the run).
+
+    The checkpoint guard takes `save_total_limit` over from the Trainer (see the module docstring).
+    """
+    guard = CheckpointGuard(training_args.save_total_limit)
+    training_args.save_total_limit = None
+    stop = GracefulStop()
+    return [guard, stop, BadRecordsReport(log)], stop
