@@ -76,6 +76,7 @@ class TrainingArguments(transformers.TrainingArguments):
     model_max_length: int = field(default=2048, metadata={"help": "Maximum sequence length (text is truncated, image tokens never)."})
     group_by_modality_length: bool = field(default=False, metadata={"help": "Batch image and text-only records separately, grouped by length."})
     mm_projector_lr: float | None = field(default=None, metadata={"help": "Learning rate of the projector (default: learning_rate)."})
+    include_num_input_tokens_seen: str = field(default="non_padding", metadata={"help": "Count trained tokens (logged as num_input_tokens_seen; tokens/s at the end)."})
     save_full_model: bool = field(default=False, metadata={"help": "Stage 1: also write the full HF model folder (to evaluate after stage 1)."})
     warmup_ratio: float | None = field(default=None, metadata={"help": "LLaVA flag: warmup as a fraction of training (sets warmup_steps)."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the batch carries TGA spans the model does not take."})
@@ -160,7 +161,7 @@ def parse_config(argv: list[str]) -> tuple[ModelArguments, DataArguments, TGAArg
 
 def deepspeed_precision(deepspeed: str | dict | None) -> dict[str, object]:
     """The `enabled` values of the fp16/bf16 sections of a DeepSpeed config (True, False or "auto")."""
-    if deepspeed is None:
+    if not deepspeed:
         return {}
     config = deepspeed
     if isinstance(deepspeed, str):

@@ -28,7 +28,7 @@ def free_port() -> int:
 
 def prepare_process(argv: list[str]) -> list[str]:
     """Set up the process for the run described by `argv` (YAML already expanded); returns argv to parse."""
-    uses_deepspeed = flag_value(argv, "deepspeed") is not None
+    uses_deepspeed = bool(flag_value(argv, "deepspeed"))  # `--deepspeed ""` turns a YAML's DeepSpeed off
     if uses_deepspeed and "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))

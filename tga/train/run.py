@@ -33,6 +33,7 @@ from tga.train.plots import plot_training_curves
 from tga.train.preflight import check_output_dir, preflight, storage_error
 from tga.train.resilience import reliability_callbacks, resolve_resume_checkpoint
 from tga.train.stages import apply_stage, trainable_components
+from tga.train.tracking import ResolvedConfigCallback, git_revision
 from tga.train.trainer import GuideSettings, TGATrainer
 
 logger = logging.getLogger(__name__)
@@ -93,15 +94,16 @@ def guide_settings(tga_args, model) -> GuideSettings | None:
                          schedule=tga_args.tga_schedule, temperature=tga_args.tga_temperature)
 
 
-def write_resolved_config(output_dir: str, stage: str, argv: list[str], *arg_objects) -> None:
-    if not is_main_process():
-        return
-    os.makedirs(output_dir, exist_ok=True)
-    resolved = {"stage": stage, "argv": argv}
+def write_resolved_config(output_dir: str, stage: str, argv: list[str], *arg_objects) -> dict:
+    """The resolved configuration (+ git revision), written to OUTPUT_DIR/tga_config.json on rank 0."""
+    resolved = {"stage": stage, "argv": argv, "git_revision": git_revision(os.path.dirname(os.path.abspath(__file__)))}
     for arguments in arg_objects:
         resolved[type(arguments).__name__] = arguments.to_dict() if hasattr(arguments, "to_dict") else asdict(arguments)
-    with open(os.path.join(output_dir, "tga_config.json"), "w", encoding="utf-8") as handle:
-        json.dump(resolved, handle, indent=2, default=str)
+    if is_main_process():
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "tga_config.json"), "w", encoding="utf-8") as handle:
+            json.dump(resolved, handle, indent=2, default=str)
+    return json.loads(json.dumps(resolved, default=str))
 
 
 def run_stage(stage: str, argv: list[str]) -> str:
@@ -115,7 +117,8 @@ def run_stage(stage: str, argv: list[str]) -> str:
         raise ConfigError("--tga_center and --tga_target frozen are not available in training yet; use the defaults")
     if is_main_process():
         check_output_dir(training_args.output_dir)  # a read-only or missing mount fails now, not at the first save
-    write_resolved_config(training_args.output_dir, stage, argv, model_args, data_args, tga_args, training_args)
+    resolved = write_resolved_config(training_args.output_dir, stage, argv, model_args, data_args, tga_args,
+                                     training_args)
     started = time.time()
     set_seed(training_args.seed)  # the resized embedding rows and the projector init are random
     tokenizer, model, image_processor = build_model_and_processors(model_args, training_args)
@@ -128,7 +131,7 @@ def run_stage(stage: str, argv: list[str]) -> str:
     trainer = TGATrainer(
         model=model, args=training_args, train_dataset=dataset, data_collator=VLMCollator(tokenizer.pad_token_id),
         processing_class=tokenizer, guide=guide_settings(tga_args, model), projector_lr=training_args.mm_projector_lr,
-        always_run_all_modules=zero3_multi_rank,
+        always_run_all_modules=zero3_multi_rank, callbacks=[ResolvedConfigCallback(resolved)],
     )
     if training_args.include_num_input_tokens_seen == "no":
         training_args.include_num_input_tokens_seen = "non_padding"  # the token count of cost.json
