@@ -7,6 +7,7 @@ steps) placed first so that the YAML and the flags override them.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from transformers import HfArgumentParser
@@ -19,6 +20,8 @@ DEFAULT_FLAGS = [
     "--learning_rate", "2e-6", "--per_device_train_batch_size", "2", "--max_steps", "1000",
     "--lr_scheduler_type", "linear", "--warmup_steps", "0", "--weight_decay", "0.0", "--save_strategy", "no",
     "--logging_steps", "10", "--output_dir", "runs/unlearn", "--report_to", "none", "--model_max_length", "1024",
+    # The trainer counts its three groups' tokens itself (HF's counter only sees `input_ids`).
+    "--include_num_input_tokens_seen", "no",
 ]
 
 
@@ -72,6 +75,10 @@ def check_unlearn_args(args: UnlearnArguments, training_args: TrainingArguments)
     for name in ("model", "harmful", "normal"):
         if getattr(args, name) is None:
             raise ConfigError(f"--{name} is required")
+    for name in ("harmful", "normal", "refusal"):
+        path = getattr(args, name)
+        if path is not None and not os.path.isfile(path):
+            raise ConfigError(f"--{name}: file not found: {path}")
     if args.reference not in ("auto", "copy", "adapter"):
         raise ConfigError(f"--reference `{args.reference}` must be auto, copy or adapter")
     if args.reference_kind() == "adapter" and not args.lora_enable:

@@ -129,7 +129,12 @@ def run_unlearn(argv: list[str]) -> str:
     Returns:
         The output folder: a complete VLM folder plus `unlearn_summary.json` and `cost.json`.
     """
-    run = prepare_unlearning(argv)
+    return train_and_save(prepare_unlearning(argv))
+
+
+def train_and_save(run: UnlearnRun) -> str:
+    """Train a prepared run, save the model folder, `trainer_state.json` and `unlearn_summary.json`; returns the
+    output folder."""
     trainer, output_dir = run.trainer, run.training_args.output_dir
     trainer.train(resume_from_checkpoint=resolve_resume(run.training_args))
     save_unlearned(trainer, run.model, run.tokenizer, run.image_processor, output_dir, run.args.lora_enable)
