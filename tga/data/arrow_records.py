@@ -56,14 +56,22 @@ def is_record_file(part: str) -> bool:
 def _raw_json_rows(path: str, signature: str) -> Iterator[dict]:
     """Source records as JSON text, in file order (`signature` only keys datasets' own cache)."""
     if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
+        offset = 0
+        with open(path, "rb") as handle:
+            for number, data in enumerate(handle, start=1):
+                try:
+                    line = data.decode("utf-8")
+                except UnicodeDecodeError as error:  # the in-memory reader's message
+                    raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {offset + error.start}); "
+                                    "re-encode the file") from error
+                offset += len(data)
                 if line.strip():
                     yield {RAW_COLUMN: line, "line": number}
     else:
-        # A JSON list must be parsed whole once; this happens only in the converting process.
+        # A JSON list must be parsed whole once; this happens only in the converting process. ASCII escapes keep
+        # lone surrogates (which Arrow strings cannot hold) for parse_record to reject by name.
         for record in read_json_records(path):
-            yield {RAW_COLUMN: json.dumps(record, ensure_ascii=False), "line": 0}
+            yield {RAW_COLUMN: json.dumps(record), "line": 0}
 
 
 def _without_nulls(value):
@@ -169,8 +177,13 @@ def convert(part: str, cache_dir: str, num_proc: int | None = None) -> str:
     try:
         if source is None:
             signature = key  # part of gen_kwargs: datasets' own generator cache must not outlive a file change
-            source = Dataset.from_generator(_raw_json_rows, gen_kwargs={"path": part, "signature": signature},
-                                            cache_dir=os.path.join(work, "raw"))
+            try:
+                source = Dataset.from_generator(_raw_json_rows, gen_kwargs={"path": part, "signature": signature},
+                                                cache_dir=os.path.join(work, "raw"))
+            except datasets.exceptions.DatasetGenerationError as error:
+                if isinstance(error.__cause__, DataError):  # datasets wraps the reader's errors; show ours
+                    raise error.__cause__ from None
+                raise
         converted = source.map(
             normalise_batch, batched=True, with_indices=True, fn_kwargs={"source": part}, features=FEATURES,
             remove_columns=source.column_names, num_proc=num_proc if num_proc and num_proc > 1 else None,

@@ -19,8 +19,9 @@ from transformers import set_seed
 from tga.align import load_activation_layer, parse_layer_spec
 from tga.config import config_argv, parse_config
 from tga.data.collator import VLMCollator
-from tga.data.dataset import LazySupervisedDataset, SampleBuilder
-from tga.data.guard import BadRecordLog, GuardedDataset, load_training_records
+from tga.data.arrow_records import ArrowSupervisedDataset, open_records
+from tga.data.dataset import SampleBuilder
+from tga.data.guard import BadRecordLog, GuardedDataset
 from tga.data.templates import get_template
 from tga.errors import ConfigError
 from tga.model.tokenizer import image_token_id, load_tokenizer
@@ -64,9 +65,12 @@ def build_model_and_processors(model_args, training_args):
 
 
 def build_dataset(data_args, tga_args, model, tokenizer, image_processor, training_args, *, stage: str):
-    # The cheap checks of every record (schema, image path inside the folder and present) run here, before any step.
-    records, rejected = load_training_records(data_args.data_path, data_args.image_folder,
-                                              skip_bad=data_args.skip_bad_records)
+    # Records are converted to Arrow once (local main process first, the other ranks then open its cache) and
+    # memory-mapped; the cheap checks of every record (schema, image path inside the folder and present) run here.
+    with training_args.main_process_first(desc="converting records to Arrow"):
+        records = open_records(data_args.data_path, cache_dir=data_args.data_cache_dir,
+                               num_proc=data_args.preprocessing_num_workers, image_folder=data_args.image_folder,
+                               check_images=True, skip_bad=data_args.skip_bad_records)
     if not records:
         raise ConfigError(f"--data_path {data_args.data_path}: no records")
     builder = SampleBuilder(
@@ -76,8 +80,8 @@ def build_dataset(data_args, tga_args, model, tokenizer, image_processor, traini
         image_aspect_ratio=data_args.image_aspect_ratio, use_retrieved=data_args.use_retrieved_in_prompt,
         caption_target=tga_args.tga,
     )
-    log = BadRecordLog(training_args.output_dir, rejected)
-    return GuardedDataset(LazySupervisedDataset(records, builder), log, skip_bad=data_args.skip_bad_records)
+    log = BadRecordLog(training_args.output_dir, records.rejected)
+    return GuardedDataset(ArrowSupervisedDataset(records, builder), log, skip_bad=data_args.skip_bad_records)
 
 
 def guide_settings(tga_args, model) -> GuideSettings | None:
