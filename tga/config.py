@@ -101,7 +101,10 @@ def yaml_to_argv(path: str) -> list[str]:
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     with open(path, encoding="utf-8") as handle:
-        values = yaml.safe_load(handle) or {}
+        try:
+            values = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as error:  # includes python/object tags, which the safe loader refuses
+            raise ConfigError(f"{path}: not a valid YAML config ({error})") from error
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: a config must be a mapping of option: value")
     argv = []

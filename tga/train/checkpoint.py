@@ -10,6 +10,7 @@ Saving and loading what the stages produce, atomically and in HF-native formats:
 from __future__ import annotations
 
 import os
+import pickle
 import re
 
 import torch
@@ -56,7 +57,11 @@ def read_projector_state(path: str) -> dict[str, torch.Tensor]:
         raise ConfigError(f"--pretrain_mm_mlp_adapter: file not found: {path}")
     if path.endswith(".safetensors"):
         return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # the file holds objects (possibly code), not just tensors
+        raise ConfigError(f"--pretrain_mm_mlp_adapter {path}: refused, the file holds pickled objects that are not "
+                          "tensors; convert it to safetensors from a trusted environment") from error
     converted, unknown = llava_projector_state(state)
     if unknown:
         raise ConfigError(f"--pretrain_mm_mlp_adapter {path}: keys that are not LLaVA projector keys: {unknown}")
