@@ -17,13 +17,12 @@ from tga.errors import ConfigError, DataError
 from tga.train.preflight import CheckpointError, check_free_space, check_output_dir, storage_error
 from tga.train.resilience import (
     COMPLETE_MARKER,
-    CheckpointGuard,
-    GracefulStop,
     is_complete,
     latest_complete_checkpoint,
     mark_complete,
     resolve_resume_checkpoint,
     rotate_complete,
+    run_guards,
 )
 
 
@@ -94,11 +93,15 @@ def train(output_dir, *, max_steps=6, resume=None, callbacks=(), keep=None):
     args = HFTrainingArguments(output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=2,
                                learning_rate=0.05, save_strategy="steps", save_steps=2, logging_steps=1,
                                report_to=[], seed=0, dataloader_num_workers=0)
-    guard, stop = CheckpointGuard(keep), GracefulStop()
-    trainer = Trainer(model=Regression(), args=args, train_dataset=data, callbacks=[guard, stop, *callbacks])
-    trainer.train(resume_from_checkpoint=resume)
+    args.save_total_limit = keep
+    guards = run_guards(args, BadRecordLog(None))
+    trainer = Trainer(model=Regression(), args=args, train_dataset=data, callbacks=[*guards.callbacks, *callbacks])
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except Exception as error:
+        raise guards.failure(error, str(output_dir)) or error
     losses = {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
-    return trainer, stop, losses
+    return trainer, guards.stop, losses
 
 
 def test_sigterm_saves_a_complete_checkpoint_and_resume_reproduces_losses(tmp_path):
@@ -117,6 +120,15 @@ def test_sigterm_saves_a_complete_checkpoint_and_resume_reproduces_losses(tmp_pa
     combined = {**first, **resumed}
     assert sorted(combined) == sorted(reference) == [1, 2, 3, 4, 5, 6]
     assert combined == reference  # exactly equal, not approximately
+
+
+def test_failed_save_names_the_checkpoint_and_keeps_the_previous_one(tmp_path):
+    output = tmp_path / "run"
+    output.mkdir()
+    (output / "checkpoint-4").write_text("a file where the checkpoint folder must go")
+    with pytest.raises(CheckpointError, match="cannot write .*checkpoint-4"):
+        train(output, keep=1)
+    assert latest_complete_checkpoint(str(output)) == str(output / "checkpoint-2")
 
 
 def test_output_dir_checks(tmp_path):

@@ -76,12 +76,24 @@ def preflight(output_dir: str, model: torch.nn.Module) -> None:
         check_free_space(output_dir, checkpoint_bytes(model))
 
 
-def storage_error(error: OSError, output_dir: str) -> CheckpointError | None:
-    """A `CheckpointError` naming the path for a storage failure, or None for other OS errors."""
-    if error.errno not in STORAGE_ERRNOS:
+def storage_error(error: Exception, output_dir: str, *, saving: str | None = None) -> CheckpointError | None:
+    """A `CheckpointError` naming the path for a failure to write files, or None for other errors.
+
+    Args:
+        error: what escaped training.
+        output_dir: the run folder.
+        saving: the checkpoint folder being written when the error happened (None: not saving). torch.save reports a
+            full disk as a bare RuntimeError, so any error while saving counts.
+    """
+    is_storage = isinstance(error, OSError) and error.errno in STORAGE_ERRNOS
+    if not is_storage and saving is None:
         return None
-    path = error.filename or output_dir
+    path = (error.filename if isinstance(error, OSError) else None) or saving or output_dir
+    try:
+        free = f"{shutil.disk_usage(output_dir).free / 2**30:.2f} GiB free"
+    except OSError:
+        free = "free space unknown"
     return CheckpointError(
-        f"cannot write {path} ({error.strerror or error}); the newest checkpoint with a tga_complete.json marker "
-        f"in {output_dir} is intact: free space and rerun with --resume_from_checkpoint auto"
+        f"cannot write {path} ({type(error).__name__}: {error}; {free}); the newest checkpoint with a "
+        f"tga_complete.json marker in {output_dir} is intact: free space and rerun with --resume_from_checkpoint auto"
     )

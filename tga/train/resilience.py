@@ -21,11 +21,14 @@ import re
 import shutil
 import signal
 import time
+from dataclasses import dataclass
 
 import torch
 from transformers import TrainerCallback
 
+from tga.errors import TGAError
 from tga.train.distributed import barrier, is_main_process
+from tga.train.preflight import storage_error
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +153,14 @@ class CheckpointGuard(TrainerCallback):
 
     def __init__(self, keep: int | None):
         self.keep = keep
+        self.saving: str | None = None  # the checkpoint folder being written, between step end and on_save
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            self.saving = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        return control
+
+    on_epoch_end = on_step_end
 
     def on_save(self, args, state, control, **kwargs):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
@@ -160,6 +171,7 @@ class CheckpointGuard(TrainerCallback):
                 protected = {state.best_model_checkpoint} if state.best_model_checkpoint else set()
                 rotate_complete(args.output_dir, self.keep, protected)
         barrier()
+        self.saving = None
         return control
 
 
@@ -230,12 +242,32 @@ class BadRecordsReport(TrainerCallback):
         return control
 
 
-def reliability_callbacks(training_args, log) -> tuple[list[TrainerCallback], GracefulStop]:
-    """The callbacks of a training run, and the stop callback (to ask whether a signal ended the run).
+@dataclass
+class RunGuards:
+    """The reliability callbacks of one training run (see `run_guards`)."""
 
-    The checkpoint guard takes `save_total_limit` over from the Trainer (see the module docstring).
+    checkpoint: CheckpointGuard
+    stop: GracefulStop
+    report: BadRecordsReport
+
+    @property
+    def callbacks(self) -> list[TrainerCallback]:
+        # The stop callback first: the checkpoint guard must see the save it requests.
+        return [self.stop, self.checkpoint, self.report]
+
+    def failure(self, error: Exception, output_dir: str) -> TGAError | None:
+        """A clear error for an exception that escaped training while a checkpoint was written, or None."""
+        return storage_error(error, output_dir, saving=self.checkpoint.saving)
+
+
+def run_guards(training_args, log) -> RunGuards:
+    """The callbacks of a training run. The checkpoint guard takes `save_total_limit` over from the Trainer (see the
+    module docstring).
+
+    Args:
+        training_args: the run's TrainingArguments (its `save_total_limit` is set to None).
+        log: the dataset's `BadRecordLog`.
     """
-    guard = CheckpointGuard(training_args.save_total_limit)
+    guards = RunGuards(CheckpointGuard(training_args.save_total_limit), GracefulStop(), BadRecordsReport(log))
     training_args.save_total_limit = None
-    stop = GracefulStop()
-    return [guard, stop, BadRecordsReport(log)], stop
+    return guards

@@ -31,8 +31,8 @@ from tga.train.checkpoint import load_projector, save_model_folder, save_project
 from tga.train.cost import CostCallback
 from tga.train.distributed import is_main_process, prepare_process
 from tga.train.plots import plot_training_curves
-from tga.train.preflight import check_output_dir, preflight, storage_error
-from tga.train.resilience import reliability_callbacks, resolve_resume_checkpoint
+from tga.train.preflight import check_output_dir, preflight
+from tga.train.resilience import resolve_resume_checkpoint, run_guards
 from tga.train.stages import apply_stage, trainable_components
 from tga.train.tracking import ResolvedConfigCallback, git_revision
 from tga.train.trainer import GuideSettings, TGATrainer
@@ -140,14 +140,14 @@ def run_stage(stage: str, argv: list[str]) -> str:
     if training_args.include_num_input_tokens_seen == "no":
         training_args.include_num_input_tokens_seen = "non_padding"  # the token count of cost.json
     trainer.add_callback(CostCallback(training_args.output_dir, f"{'tga' if tga_args.tga else 'llava'}-{stage}"))
-    callbacks, stop = reliability_callbacks(training_args, dataset.log)
-    for callback in callbacks:
+    guards = run_guards(training_args, dataset.log)
+    for callback in guards.callbacks:
         trainer.add_callback(callback)
     try:
         trainer.train(resume_from_checkpoint=resolve_resume(training_args))
-    except OSError as error:
-        raise storage_error(error, training_args.output_dir) or error
-    if stop.stopped:  # SIGTERM: a complete checkpoint is saved; a rerun with --resume_from_checkpoint auto continues
+    except Exception as error:  # a failed checkpoint write becomes an error naming the path; others pass through
+        raise guards.failure(error, training_args.output_dir) or error
+    if guards.stop.stopped:  # SIGTERM: a complete checkpoint is saved; a rerun with --resume_from_checkpoint auto continues
         logger.warning("stage %s stopped by a signal at step %d; checkpoint saved in %s", stage,
                        trainer.state.global_step, training_args.output_dir)
         return training_args.output_dir
