@@ -4,7 +4,8 @@ The data pipeline at LLaVA scale, measured in one run on a generated set of LLaV
 conversations, captions, retrieved text, 10% text-only) whose images are real JPEG files written here:
   records   start-up time and records-only RSS per process of `json.load`, of the in-memory path
             (`tga.data.records.load_records`: a list of `Record`s) and of the Arrow path (`open_records`), first
-            conversion (cold cache) and warm start; each in a fresh process, so RSS is its own
+            conversion (cold cache), warm start, and warm start with the image-path check training runs; each in a
+            fresh process, so RSS is its own
   loader    samples/s of dataset + collator (image decode, pad to square, CLIP preprocessing at 336 px,
             tokenization with spans, caption pass, padding) through a DataLoader with 0, 1 and 2 workers
   model     the training step rate (samples/s) of the tiny-but-not-trivial model of benchmarks/tga_overhead.py
@@ -99,6 +100,9 @@ def measure_records(phase: str, data: str, cache_dir: str, num_proc: int) -> dic
             held = json.load(handle)
     elif phase == "memory":
         held = load_records(data)
+    elif phase == "arrow_checked":  # what training does: also check every image path (a folder listing, no stat)
+        held = open_records(data, cache_dir=cache_dir, image_folder=os.path.join(os.path.dirname(data), "images"),
+                            check_images=True)
     else:
         held = open_records(data, cache_dir=cache_dir, num_proc=num_proc if phase == "arrow_cold" else None)
     seconds = time.perf_counter() - started
@@ -184,7 +188,7 @@ def main() -> None:
     shutil.rmtree(cache_dir, ignore_errors=True)  # the first conversion is measured on an empty cache
     start = {phase: in_subprocess("--phase", phase, "--workdir", workdir, "--records", str(args.records),
                                   "--num_proc", str(args.num_proc))
-             for phase in ("json", "memory", "arrow_cold", "arrow_warm")}
+             for phase in ("json", "memory", "arrow_cold", "arrow_warm", "arrow_checked")}
     loader = {workers: in_subprocess("--phase", "loader", "--workers", str(workers), "--workdir", workdir,
                                      "--records", str(args.records), "--batch", str(args.batch),
                                      "--batches", str(args.batches))["samples_per_s"]
@@ -196,7 +200,7 @@ def main() -> None:
     print(f"{'start-up':22s} {'seconds':>8s} {'RSS MB':>8s} {'anon MB':>8s} {'RSS/json':>9s}")
     json_rss = start["json"]["rss_mb"]
     for phase, label in (("json", "json.load"), ("memory", "list of Record"), ("arrow_cold", "arrow (conversion)"),
-                         ("arrow_warm", "arrow (warm start)")):
+                         ("arrow_warm", "arrow (warm start)"), ("arrow_checked", "arrow warm + images")):
         r = start[phase]
         print(f"{label:22s} {r['seconds']:8.2f} {r['rss_mb']:8.1f} {r['anon_mb']:8.1f} {r['rss_mb'] / json_rss:9.3f}")
     warm = start["arrow_warm"]

@@ -166,3 +166,21 @@ def test_images_decode_in_workers_through_the_trainer(tiny_assets, tmp_path):
     assert batch["input_ids"].shape[0] == 4 and batch["pixel_values"].shape[1:] == (3, 32, 32)
     assert len(loader) == (len(dataset) + 3) // 4
 
+
+
+def test_image_check_follows_symlinks_and_rejects_folders(tmp_path):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(images / "sub" / "x.png")
+    (images / "link.png").symlink_to(images / "sub" / "x.png")
+    (images / "dir.png").mkdir()
+    rows = [{"id": name, "image": name, "conversations": [{"from": "human", "value": "<image>\nWhat?"},
+                                                          {"from": "gpt", "value": "A square."}]}
+            for name in ("sub/x.png", "link.png", "dir.png", "sub/../sub/x.png")]
+    path = write_jsonl(tmp_path / "data.jsonl", rows)
+    kept = open_records(path, cache_dir=str(tmp_path / "cache"), image_folder=str(images), check_images=True,
+                        skip_bad=True)
+    assert [record.id for record in kept] == ["sub/x.png", "link.png", "sub/../sub/x.png"]
+    assert [r["id"] for r in kept.rejected] == ["dir.png"] and "image not found" in kept.rejected[0]["error"]

@@ -231,29 +231,42 @@ class ArrowRecords(Sequence[Record]):
         return self.table.data.column("length").to_pylist()
 
 
+def _files_in(folder: str, relative: str, listings: dict[str, set[str]]) -> set[str]:
+    """Names of the regular files (symlinks followed) in a folder, listed once per start (no stat per record)."""
+    if relative not in listings:
+        try:
+            with os.scandir(os.path.join(folder, relative)) as entries:
+                listings[relative] = {entry.name for entry in entries if entry.is_file()}
+        except OSError:
+            listings[relative] = set()
+    return listings[relative]
+
+
 def _image_errors(table: Dataset, image_folder: str | None) -> Iterator[tuple[int, str]]:
-    """(row, message) for image paths that escape the folder or do not exist: a stat per image, no decoding."""
+    """(row, message) for image paths that escape the folder or do not exist; no decoding. Each image folder is
+    listed once instead of a stat per record (LLaVA's 665K records live in a handful of folders)."""
+    folder = os.path.abspath(image_folder) if image_folder is not None else None
+    listings: dict[str, set[str]] = {}
     offset = 0
     for chunk in table.data.column("image").chunks:  # chunk by chunk: never the whole column as Python strings
         for row, image in enumerate(chunk.to_pylist(), start=offset):
             if image is None:
                 continue
-            if image_folder is None:
+            if folder is None:
                 yield row, f"record {table[row]['id']!r} has an image but no --image_folder was given"
                 continue
-            try:
-                path = resolve_image_path(image_folder, image, "")
-            except DataError:
-                path = None
-            if path is not None and os.path.isfile(path):
+            # Fast path for plain relative paths (no `..`, not absolute); anything else takes the image_io checks.
+            directory, _, name = image.rpartition("/")
+            if not image.startswith("/") and ".." not in image and name in _files_in(folder, directory, listings):
                 continue
-            label = repr(table[row]["id"])  # looked up only for the rare bad row
+            label = repr(table[row]["id"])  # the slow path, only for a bad row: the image_io checks and messages
             try:
                 path = resolve_image_path(image_folder, image, label)
             except DataError as error:
                 yield row, str(error)
                 continue
-            yield row, f"record {label}: image not found: {path}"
+            if not os.path.isfile(path):
+                yield row, f"record {label}: image not found: {path}"
         offset += len(chunk)
 
 
