@@ -255,3 +255,17 @@ def test_cli_errors_name_the_option_and_file(world, tmp_path, capsys):
     assert main(["unlearn", "--model", world["model"], "--harmful", missing, "--normal", world["normal"],
                  "--output_dir", str(tmp_path / "o")]) == 2
     assert "nope.jsonl" in capsys.readouterr().err
+
+
+def test_shipped_unlearn_recipe_parses_up_to_its_data_files():
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from tga.errors import ConfigError
+    from tga.unlearn.config import parse_unlearn_config
+
+    try:
+        with pytest.raises(ConfigError, match="--harmful: file not found: data/unlearn/pku_saferlhf_train.jsonl"):
+            parse_unlearn_config([os.path.join(os.path.dirname(os.path.dirname(__file__)),
+                                               "configs/unlearn/mistral7b.yaml")])
+    finally:
+        unset_hf_deepspeed_config()
