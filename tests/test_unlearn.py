@@ -163,6 +163,7 @@ def test_loss_terms_use_response_tokens_only_and_ascend_on_forget():
 
 def test_forget_loss_rises_while_normal_kl_stays_small(copy_run):
     forget, kl = logged(copy_run["out"], "unlearn/forget_nll"), logged(copy_run["out"], "unlearn/keep_kl")
+    print(f"\nforget NLL {[round(v, 3) for v in forget]}\nkeep KL {[round(v, 5) for v in kl]}")
     assert len(forget) == STEPS
     assert forget[-1] > forget[0] + 0.1
     assert kl[0] == 0.0  # the KL term at step 0: the reference equals the model

@@ -11,7 +11,6 @@ passes `forget_ceiling`. Under several ranks the NLL is averaged over ranks firs
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 from collections import defaultdict
@@ -83,10 +82,9 @@ class UnlearnTrainer(Trainer):
             if self.reference is not None:
                 return self.reference(**inputs).logits
             wrapped = self.accelerator.unwrap_model(model)
-            disable = getattr(wrapped, "disable_adapter", None)
-            if disable is None:
+            if not hasattr(wrapped, "disable_adapter"):
                 raise RuntimeError("no reference model and the training model has no LoRA adapters to disable")
-            with disable() if callable(disable) else contextlib.nullcontext():
+            with wrapped.disable_adapter():
                 return wrapped(**inputs).logits
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
