@@ -1,8 +1,9 @@
 """benchmarks/data_check_overhead.py
 
 Time of the data checks on N generated LLaVA records (default 10,000, each with its own 64x48 PNG): the start-up
-check training runs (schema + image path inside the folder + file exists) against schema parsing alone, and the
-full `tga data check` (every image decoded; token lengths with the real Mistral-7B tokenizer).
+check (schema + image path inside the folder + file exists) against schema parsing alone, in memory and through the
+Arrow record cache that training opens, and the full `tga data check` (every image decoded; token lengths with the
+real Mistral-7B tokenizer).
 
     .venv/bin/python benchmarks/data_check_overhead.py [--records 10000] [--out benchmarks/results/data_check.json]
 """
@@ -18,6 +19,7 @@ import time
 from PIL import Image
 from tqdm import tqdm
 
+from tga.data.arrow_records import open_records
 from tga.data.check import check_data
 from tga.data.dataset import SampleBuilder
 from tga.data.guard import load_training_records
@@ -69,15 +71,24 @@ def main() -> None:
         builder = SampleBuilder(tokenizer=tokenizer, template=get_template("llava_llama_2"), image_processor=None,
                                 image_folder=images, image_token_id=image_token_id(tokenizer), num_image_tokens=576,
                                 max_length=2048, use_retrieved=True, caption_target=True)
+        cache = os.path.join(folder, "arrow_cache")
         results = {
             "records": args.records,
             "parse_only_s": timed(lambda: load_records(data)),
             "startup_check_s": timed(lambda: load_training_records(data, images, skip_bad=False)),
+            # What training runs: the Arrow cache (converted once; later runs and ranks open it), with and without the
+            # image-path checks.
+            "arrow_first_open_s": timed(lambda: open_records(data, cache_dir=cache, image_folder=images,
+                                                             check_images=True), repeats=1),
+            "arrow_open_s": timed(lambda: open_records(data, cache_dir=cache)),
+            "arrow_open_checked_s": timed(lambda: open_records(data, cache_dir=cache, image_folder=images,
+                                                               check_images=True)),
             "full_check_decode_s": timed(lambda: check_data(data, images, progress=False), repeats=1),
             "full_check_decode_tokens_s": timed(lambda: check_data(data, images, builder=builder, progress=False),
                                                 repeats=1),
         }
     results["startup_overhead_s"] = results["startup_check_s"] - results["parse_only_s"]
+    results["arrow_image_check_overhead_s"] = results["arrow_open_checked_s"] - results["arrow_open_s"]
     print(json.dumps(results, indent=1))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
