@@ -99,7 +99,10 @@ def train(output_dir, *, max_steps=6, resume=None, callbacks=(), keep=None):
     try:
         trainer.train(resume_from_checkpoint=resume)
     except Exception as error:
-        raise guards.failure(error, str(output_dir)) or error
+        failure = guards.failure(error, str(output_dir))
+        if failure is None:
+            raise
+        raise failure from error
     losses = {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
     return trainer, guards.stop, losses
 

@@ -146,7 +146,10 @@ def run_stage(stage: str, argv: list[str]) -> str:
     try:
         trainer.train(resume_from_checkpoint=resolve_resume(training_args))
     except Exception as error:  # a failed checkpoint write becomes an error naming the path; others pass through
-        raise guards.failure(error, training_args.output_dir) or error
+        failure = guards.failure(error, training_args.output_dir)
+        if failure is None:
+            raise
+        raise failure from error
     if guards.stop.stopped:  # SIGTERM: a complete checkpoint is saved; a rerun with --resume_from_checkpoint auto continues
         logger.warning("stage %s stopped by a signal at step %d; checkpoint saved in %s", stage,
                        trainer.state.global_step, training_args.output_dir)
