@@ -18,8 +18,8 @@ from transformers import set_seed
 
 from tga.align import load_activation_layer, parse_layer_spec
 from tga.config import config_argv, parse_config
-from tga.data.collator import VLMCollator
 from tga.data.arrow_records import ArrowSupervisedDataset, open_records
+from tga.data.collator import VLMCollator
 from tga.data.dataset import SampleBuilder
 from tga.data.guard import BadRecordLog, GuardedDataset
 from tga.data.templates import get_template
