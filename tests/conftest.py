@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Record caches of the Arrow path go to a temporary folder, not the user's ~/.cache (subprocesses inherit it).
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="tga-tests-datasets-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
