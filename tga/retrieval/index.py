@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +26,7 @@ _FILES = {"texts": "corpus.json", "embeddings": "embeddings.npy", "index": "inde
 
 def default_nlist(count: int) -> int:
     """IVF cell count: about 4 sqrt(n), with at least 39 training points per cell (faiss' own minimum)."""
-    return max(1, min(int(4 * math.sqrt(count)), count // 39))
+    return max(1, min(int(4 * count**0.5), count // 39))
 
 
 def build_index(

@@ -25,6 +25,7 @@ from transformers import Trainer
 
 from tga.align import guide_loss, pool_layers
 from tga.data.sampler import ModalityLengthGroupedSampler
+from tga.train.running_means import RunningMeans
 
 BATCH_EXTRAS = ("image_mask", "retrieved_mask", "guide_index", "caption_input_ids", "caption_attention_mask",
                 "caption_mask")
@@ -46,8 +47,7 @@ class TGATrainer(Trainer):
         self.guide = guide
         self.projector_lr = projector_lr
         self.always_run_all_modules = always_run_all_modules
-        self.metric_sums: dict[str, float] = defaultdict(float)
-        self.metric_counts: dict[str, int] = defaultdict(int)
+        self.running = RunningMeans()
 
     # ---- data ----
     def _get_train_sampler(self, train_dataset=None):
@@ -171,19 +171,12 @@ class TGATrainer(Trainer):
         for key, value in metrics.items():
             value = torch.as_tensor(value, dtype=torch.float32).detach().cpu()
             if value.ndim == 0:
-                self.add_metric(key if key.startswith("tga/") else f"tga/{key}", float(value))
+                self.running.add(key if key.startswith("tga/") else f"tga/{key}", float(value))
             else:  # per-layer values
                 for layer, item in zip(self.guide.layers, value.tolist()):
-                    self.add_metric(f"tga/{key}/L{layer}", item)
-
-    def add_metric(self, key: str, value: float) -> None:
-        if value == value:  # NaN (e.g. specificity of a 1-sample batch) is not averaged in
-            self.metric_sums[key] += value
-            self.metric_counts[key] += 1
+                    self.running.add(f"tga/{key}/L{layer}", item)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self.metric_counts and "loss" in logs:
-            logs.update({key: self.metric_sums[key] / self.metric_counts[key] for key in self.metric_counts})
-            self.metric_sums.clear()
-            self.metric_counts.clear()
+        if "loss" in logs:
+            logs.update(self.running.drain())
         super().log(logs, start_time)

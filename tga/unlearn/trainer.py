@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections import defaultdict
 
 import torch
 from transformers import Trainer
 
 from tga.train.cost import TokenCounter
+from tga.train.running_means import RunningMeans
 from tga.unlearn.dataset import group_inputs
 from tga.unlearn.loss import UnlearnWeights, response_kl, response_nll, unlearn_loss
 
@@ -73,8 +73,7 @@ class UnlearnTrainer(Trainer):
             if self.reference is reference:  # not partitioned by ZeRO-3: a plain module on this rank's device
                 reference.to(self.args.device)
         self.stopped_at: dict | None = None
-        self.metric_sums: dict[str, float] = defaultdict(float)
-        self.metric_counts: dict[str, int] = defaultdict(int)
+        self.running = RunningMeans()
 
     def reference_logits(self, model, inputs: dict) -> torch.Tensor:
         """Logits of the frozen reference on the keep group (no grad)."""
@@ -106,8 +105,7 @@ class UnlearnTrainer(Trainer):
         metrics = {f"unlearn/{name}": float(value.detach()) for name, value in
                    (("forget_nll", parts["forget"]), ("mismatch_nll", parts["mismatch"]), ("keep_kl", parts["keep"]))}
         for key, value in metrics.items():
-            self.metric_sums[key] += value
-            self.metric_counts[key] += 1
+            self.running.add(key, value)
         self.check_ceiling(parts["forget"].detach())
         return (loss, {"logits": logits}) if return_outputs else loss
 
@@ -125,10 +123,8 @@ class UnlearnTrainer(Trainer):
             self.control.should_training_stop = True
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self.metric_counts and "loss" in logs:
-            logs.update({key: self.metric_sums[key] / self.metric_counts[key] for key in self.metric_counts})
-            self.metric_sums.clear()
-            self.metric_counts.clear()
+        if "loss" in logs:
+            logs.update(self.running.drain())
         super().log(logs, start_time)
 
 
