@@ -6,8 +6,9 @@ Step time and peak memory of one stage-2 training step (forward + backward + Ada
   released  CE + the released code's approach: a second full forward of the batch with output_attentions and all
             hidden states (eager attention), plus the caption pass; its guide loss made differentiable here
 
-Each variant runs in its own process (so peak RSS is its own), one after the other in one invocation; ratios are
-printed against `plain`. Model: an 8-layer, 256-wide Mistral-architecture LLM with 576 image tokens (336 px, patch 14)
+Step times are measured with the three variants interleaved step by step in one process (load drift on a shared
+machine hits all of them equally); peak memory with each variant alone in its own process. Ratios are printed
+against `plain`. Model: an 8-layer, 256-wide Mistral-architecture LLM with 576 image tokens (336 px, patch 14)
 and 300 text tokens per sample. Targets (docs/architecture.md): tga/plain <= 1.10 time and <= 1.05 peak memory.
 
     .venv/bin/python benchmarks/tga_overhead.py [--steps 5] [--batch 2] [--device cpu]
@@ -72,20 +73,21 @@ def make_batch(model, batch_size: int, device: str) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def run_variant(variant: str, steps: int, batch_size: int, device: str) -> dict:
+def make_steps(steps_device: str, batch_size: int):
+    """The model, and one training-step function per variant (same model, batch and optimizer)."""
     from tga.align import guide_loss, pool_layers
     from tga.config import TrainingArguments
     from tga.train.trainer import GuideSettings, TGATrainer
 
     with tempfile.TemporaryDirectory() as tmp:
-        model, tokenizer = build(tmp, device)
-        args = TrainingArguments(output_dir=tmp, report_to="none", use_cpu=device == "cpu")
+        model, tokenizer = build(tmp, steps_device)
+        args = TrainingArguments(output_dir=tmp, report_to="none", use_cpu=steps_device == "cpu")
         trainer = TGATrainer(model=model, args=args, processing_class=tokenizer, guide=GuideSettings(layers=LAYERS))
-    batch = make_batch(model, batch_size, device)
+    batch = make_batch(model, batch_size, steps_device)
     model_inputs = {k: batch[k] for k in ("input_ids", "labels", "attention_mask", "pixel_values")}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
-    def step():
+    def step(variant: str) -> None:
         outputs = model(**model_inputs, output_hidden_states=variant == "tga")
         loss = outputs.loss
         if variant == "tga":
@@ -105,22 +107,43 @@ def run_variant(variant: str, steps: int, batch_size: int, device: str) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step()  # warm-up (allocations, optimizer state)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return step
+
+
+def timed(step, variant: str, device: str) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
+    started = time.perf_counter()
+    step(variant)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def run_times(steps: int, batch_size: int, device: str) -> dict:
+    """Step times with the variants interleaved in one process (order rotating every round), so load drift on a shared
+    machine hits all of them equally."""
+    step = make_steps(device, batch_size)
+    for variant in VARIANTS:
+        step(variant)  # warm-up (allocations, optimizer state)
+    times = {variant: [] for variant in VARIANTS}
+    for round_index in range(steps):
+        # The order rotates every round, so no variant always follows the memory-heavy released step.
+        shift = round_index % len(VARIANTS)
+        for variant in VARIANTS[shift:] + VARIANTS[:shift]:
+            times[variant].append(timed(step, variant, device))
+    return {variant: sorted(values)[len(values) // 2] for variant, values in times.items()}
+
+
+def run_memory(variant: str, batch_size: int, device: str) -> float:
+    """Peak memory (MB) of one variant alone in its process: CUDA allocator peak, or peak RSS on CPU."""
+    step = make_steps(device, batch_size)
+    if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
+    for _ in range(2):
+        step(variant)
+    return (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {"variant": variant, "step_s": sorted(times)[len(times) // 2], "peak_mb": peak,
-            "rss_after_warmup_mb": rss_before / 1024}
 
 
 def main() -> None:
@@ -128,24 +151,29 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=(*VARIANTS, "times"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.variant:
-        print(json.dumps(run_variant(args.variant, args.steps, args.batch, args.device)))
+    if args.variant == "times":
+        print(json.dumps(run_times(args.steps, args.batch, args.device)))
         return
-    results = {}
-    for variant in VARIANTS:
+    if args.variant:
+        print(json.dumps({"peak_mb": run_memory(args.variant, args.batch, args.device)}))
+        return
+
+    def child(variant: str) -> dict:
         output = subprocess.run([sys.executable, __file__, "--variant", variant, "--steps", str(args.steps),
                                  "--batch", str(args.batch), "--device", args.device],
                                 capture_output=True, text=True, check=True).stdout
-        results[variant] = json.loads(output.strip().splitlines()[-1])
-    base = results["plain"]
-    print(f"device={args.device} batch={args.batch} tokens/sample={300 + 576} layers=8 hidden=256 "
-          f"median of {args.steps} steps")
+        return json.loads(output.strip().splitlines()[-1])
+
+    times = child("times")
+    peaks = {variant: child(variant)["peak_mb"] for variant in VARIANTS}
+    print(f"device={args.device} batch={args.batch} tokens/sample={300 + 576} layers=8 hidden=256; step time: median "
+          f"of {args.steps} interleaved rounds; peak memory: each variant alone in its own process")
     print(f"{'variant':10s} {'step s':>8s} {'peak MB':>9s} {'time/plain':>11s} {'peak/plain':>11s}")
-    for variant, r in results.items():
-        print(f"{variant:10s} {r['step_s']:8.3f} {r['peak_mb']:9.0f} {r['step_s'] / base['step_s']:11.3f} "
-              f"{r['peak_mb'] / base['peak_mb']:11.3f}")
+    for variant in VARIANTS:
+        print(f"{variant:10s} {times[variant]:8.3f} {peaks[variant]:9.0f} {times[variant] / times['plain']:11.3f} "
+              f"{peaks[variant] / peaks['plain']:11.3f}")
 
 
 if __name__ == "__main__":
