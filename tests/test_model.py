@@ -126,3 +126,21 @@ def test_stages_freeze_the_right_components(tiny_assets, tokenizer, stage, flags
     assert not any(p.requires_grad for p in model.model.vision_tower.parameters())
     assert all(p.requires_grad for p in model.model.multi_modal_projector.parameters())
     assert all(p.requires_grad == ("llm" in trainable) for p in model.model.language_model.parameters())
+
+
+def test_vision_tower_loads_from_a_full_clip_checkpoint(tmp_path):
+    """openai/clip-vit-large-patch14-336 is a CLIPModel checkpoint: the tower must come out of it with equal weights."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from tga.model.vision import load_vision_tower, num_patches
+
+    config = CLIPConfig(text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                     "num_attention_heads": 2},
+                        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8}, projection_dim=16)
+    clip = CLIPModel(config)
+    clip.save_pretrained(tmp_path)
+    tower = load_vision_tower(str(tmp_path))
+    for name, tensor in clip.vision_model.state_dict().items():
+        assert torch.equal(tower.state_dict()[name], tensor), name
+    assert num_patches(tower.config) == 16 and num_patches(tower.config, "cls_patch") == 17
