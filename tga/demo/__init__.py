@@ -1,0 +1,11 @@
+"""tga/demo
+
+The built-in synthetic world of `make demo`: seeded multi-object scenes of benign and toxic concepts (`world`,
+`render`), the data files of both VL stages and of the safety tests (`datasets`, `tasks`), a tiny CLIP
+(`clip_train`) and a tiny text LLM with a text safety mechanism (`text_corpus`, `text_llm`), all built and cached by
+`build_assets` (`assets`).
+"""
+
+from tga.demo.assets import build_assets
+
+__all__ = ["build_assets"]

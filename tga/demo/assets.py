@@ -1,0 +1,126 @@
+"""tga/demo/assets.py
+
+`build_assets` makes everything the demo VLM starts from, in one folder: the world (images and data files), the tiny
+CLIP and the tiny text LLM, plus `assets.json` describing them. Each step stores the hash of its spec (the world's
+spec, plus the step's own) in `demo_spec.json` when it finishes; a step whose folder holds the same hash is skipped,
+and a step whose spec changed is rebuilt from scratch, along with the steps that depend on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict
+
+from tga.demo import tasks
+from tga.demo.clip_train import clip_spec, train_clip
+from tga.demo.datasets import write_world_files
+from tga.demo.text_corpus import TEMPLATE
+from tga.demo.text_llm import text_llm_spec, train_text_llm
+from tga.demo.training import timed
+from tga.demo.world import BENIGN_CONCEPTS, COLOURS, TOXIC_CONCEPTS, Scene, WorldScenes, build_scenes, world_spec
+
+SPEC_FILE = "demo_spec.json"
+
+
+def spec_key(*parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _stored(folder: str) -> dict | None:
+    path = os.path.join(folder, SPEC_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def cached_step(folder: str, key: str, build: Callable[[], dict], name: str) -> dict:
+    """Run `build` (which fills `folder`) unless `folder` already holds a finished build with the same `key`.
+
+    Returns the step's record: its key, its wall time when it was built, its result (metrics or paths), and whether
+    this call reused it.
+    """
+    stored = _stored(folder)
+    if stored is not None and stored.get("key") == key:
+        return {**stored, "cached": True}
+    if os.path.exists(folder):
+        shutil.rmtree(folder)  # a stale or unfinished build: start clean so no old file survives
+    os.makedirs(folder)
+    with timed() as clock:
+        result = build()
+    record = {"step": name, "key": key, "seconds": round(clock(), 1), "result": result}
+    with open(os.path.join(folder, SPEC_FILE), "w", encoding="utf-8") as handle:
+        json.dump(record, handle, indent=1)
+    return {**record, "cached": False}
+
+
+def _load_scenes(path: str) -> WorldScenes:
+    world = WorldScenes()
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            scene = Scene.from_json(json.loads(line))
+            split = scene.id.split("/")[0]
+            if split == "toxic_test":
+                world.toxic_test.setdefault(scene.id.split("/")[1], []).append(scene)
+            else:
+                getattr(world, split).append(scene)
+    return world
+
+
+def build_assets(out_dir: str, *, seed: int = 0, size: str = "full", workers: int = 2) -> dict[str, str]:
+    """Build (or reuse) the demo world, its tiny CLIP and its tiny text LLM under `out_dir`.
+
+    Args:
+        out_dir: the assets folder (created if needed).
+        seed: the world's and both trainings' seed.
+        size: "full" (the `make demo` world) or "tiny" (a few seconds, for tests).
+        workers: processes that render images.
+
+    Returns:
+        Paths by name: `image_folder`, `toxic_test_folder`, `stage1_data`, `stage2_data`, `captions`,
+        `benign_vqa_test`, `benign_describe_test`, `toxic_text_prompts`, `benign_text_prompts`, `toxic_pairs`,
+        `scenes`, `clip`, `llm` and `assets_json` (which also records specs, metrics and wall times).
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    w_spec, c_spec, l_spec = world_spec(size, seed), clip_spec(size), text_llm_spec(size)
+    world_dir, clip_dir, llm_dir = (os.path.join(out_dir, name) for name in ("world", "clip", "llm"))
+    world_key = spec_key(asdict(w_spec))
+    scenes: list[WorldScenes] = []
+
+    def world() -> WorldScenes:  # scenes are drawn (or read back) only when a step needs them
+        if not scenes:
+            path = os.path.join(world_dir, "scenes.jsonl")
+            scenes.append(_load_scenes(path) if os.path.exists(path) else build_scenes(w_spec))
+        return scenes[0]
+
+    def write_world() -> dict[str, str]:  # paths are kept relative, so a moved assets folder stays valid
+        written = write_world_files(world_dir, w_spec, world(), workers=workers)
+        return {name: os.path.relpath(path, out_dir) for name, path in written.items()}
+
+    world_step = cached_step(world_dir, world_key, write_world, "world")
+    paths = {name: os.path.join(out_dir, path) for name, path in world_step["result"].items()}
+    clip_step = cached_step(
+        clip_dir, spec_key(world_key, asdict(c_spec)),
+        lambda: train_clip(paths["image_folder"], world().train, world().test, clip_dir, spec=c_spec,
+                           image_size=w_spec.image_size, seed=seed), "clip")
+    llm_step = cached_step(
+        llm_dir, spec_key(world_key, asdict(l_spec)),
+        lambda: train_text_llm(world().train, world().test, llm_dir, spec=l_spec, seed=seed), "llm")
+    paths.update(clip=clip_dir, llm=llm_dir, assets_json=os.path.join(out_dir, "assets.json"))
+    summary = {
+        "seed": seed, "size": size, "paths": paths,
+        "world": {**asdict(w_spec), "benign_concepts": list(BENIGN_CONCEPTS), "toxic_concepts": list(TOXIC_CONCEPTS),
+                  "colours": list(COLOURS), "image_tokens": (w_spec.image_size // c_spec.patch_size) ** 2},
+        "chat_template": TEMPLATE, "refusal": tasks.REFUSAL, "dsr_question": tasks.DSR_QUESTION,
+        "describe_questions": {"train": list(tasks.DESCRIBE_TRAIN), "heldout": list(tasks.DESCRIBE_HELDOUT)},
+        "steps": {step["step"]: {k: step[k] for k in ("key", "seconds", "cached")}
+                  for step in (world_step, clip_step, llm_step)},
+        "clip_metrics": clip_step["result"], "llm_metrics": llm_step["result"],
+    }
+    with open(paths["assets_json"], "w", encoding="utf-8") as handle:
+        json.dump(summary, handle, indent=1)
+    return paths
