@@ -24,6 +24,7 @@ SUBCOMMANDS = [
     "tga.cli.chat_cmd",
     "tga.cli.unlearn_cmd",
     "tga.cli.export_cmd",
+    "tga.cli.demo_assets_cmd",
 ]
 
 
