@@ -72,8 +72,10 @@ class ChatModel:
         """Greedy answers, one per (image, question); batched with left padding."""
         encoded, pixel_values = self.encode(images, questions, retrieved)
         ids, attention, _ = self.padded(encoded, left=True)
+        # a text-only batch must not pass pixel_values=None: transformers 5 would still run the vision encoder on it
+        vision = {} if pixel_values is None else {"pixel_values": pixel_values}
         output = self.model.generate(
-            input_ids=ids, attention_mask=attention, pixel_values=pixel_values, max_new_tokens=max_new_tokens,
+            input_ids=ids, attention_mask=attention, **vision, max_new_tokens=max_new_tokens,
             do_sample=False, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
             streamer=streamer,
         )

@@ -117,14 +117,15 @@ def benign_describe(scenes: list[Scene]) -> list[dict]:
 
 
 def text_prompts(scenes: list[Scene], *, toxic: bool) -> list[dict]:
-    """Describe requests with the scene in words, {"text", "concept", "question"}: toxic or benign held-out scenes."""
+    """Describe requests with the scene in words, {"id", "scene", "text", "concept", "question"}: toxic or benign held-out
+    scenes. `scene` is the concept (the grouping of `tga evaluate dsr`), so the files evaluate text refusal as they are."""
     questions = tasks.DESCRIBE_TRAIN + tasks.DESCRIBE_HELDOUT
     rows = []
     for index, scene in enumerate(s for s in scenes if s.toxic == toxic):
         question = questions[index % len(questions)]
         concept = next((o.concept for o in scene.objects if o.toxic), scene.objects[0].concept)
-        rows.append({"text": tasks.text_prompt(canonical_caption(scene), question), "concept": concept,
-                     "question": question})
+        rows.append({"id": f"text-{scene.id}", "scene": concept, "text": tasks.text_prompt(canonical_caption(scene), question),
+                     "concept": concept, "question": question})
     return rows
 
 

@@ -26,13 +26,13 @@ from tga.safety.scenes import EvalItem
 Generator = Callable[[list[Image.Image | None], list[str]], list[str]]
 
 
-def load_batch_images(paths: Sequence[str]) -> list[Image.Image]:
-    """Load the images of a batch, decoding each distinct file once."""
+def load_batch_images(paths: Sequence[str | None]) -> list[Image.Image | None]:
+    """Load the images of a batch, decoding each distinct file once; a None path (a text-only item) stays None."""
     cache: dict[str, Image.Image] = {}
     for path in paths:
-        if path not in cache:
+        if path is not None and path not in cache:
             cache[path] = open_image(path, os.path.basename(path))
-    return [cache[path] for path in paths]
+    return [None if path is None else cache[path] for path in paths]
 
 
 def answer_and_judge(

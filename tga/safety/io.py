@@ -86,11 +86,11 @@ def read_texts(path: str) -> list[str]:
     return texts
 
 
-def check_images(paths: Sequence[str]) -> None:
-    """Decode every distinct image once before any model is loaded, so a bad file fails fast.
+def check_images(paths: Sequence[str | None]) -> None:
+    """Decode every distinct image once before any model is loaded, so a bad file fails fast (None: a text-only item).
 
     Raises:
         DataError: naming the first missing or unreadable image.
     """
-    for path in tqdm(list(dict.fromkeys(paths)), desc="checking images", unit="image", leave=False):
+    for path in tqdm([p for p in dict.fromkeys(paths) if p is not None], desc="checking images", unit="image", leave=False):
         open_image(path, os.path.basename(path))

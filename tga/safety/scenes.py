@@ -26,17 +26,17 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class EvalItem:
-    """One question about one image of one scene.
+    """One question about one image of one scene, or one text-only request (no image).
 
     Attributes:
         scene: the scene name.
-        image: absolute image path.
-        image_id: the image's path relative to the data root (stable across machines, used in keys).
-        prompt: the question asked.
+        image: absolute image path; None for a text-only request (the text describes the scene).
+        image_id: the image's path relative to the data root, or the text record's id (stable, used in keys).
+        prompt: the question asked (for a text-only request, the whole request).
     """
 
     scene: str
-    image: str
+    image: str | None
     image_id: str
     prompt: str
 
@@ -59,7 +59,9 @@ def load_scene_items(
     """Build the evaluation items of a scenes folder or listing file.
 
     Args:
-        data: a folder with one subfolder of images per scene, or a JSON/JSONL file of {scene, image, question?}.
+        data: a folder with one subfolder of images per scene, or a JSON/JSONL file of {scene, image, question?}
+            records, or of text-only {scene, text, id?} records (the text is the whole request: the same toxic
+            content given in words, for text refusal).
         prompts: questions asked about every image (a record's own `question` replaces them for that record).
         image_folder: for a listing file, where image paths are resolved (default: the file's folder).
 
@@ -94,8 +96,11 @@ def load_scene_items(
     items = []
     for index, record in enumerate(load_records(data)):
         label = record_label(record, index)
+        if isinstance(record.get("scene"), str) and "image" not in record and isinstance(record.get("text"), str):
+            items.append(EvalItem(record["scene"], None, str(record.get("id", f"text/{index}")), record["text"]))
+            continue
         if not isinstance(record.get("scene"), str) or not isinstance(record.get("image"), str):
-            raise DataError(f"{data}: record {label} needs string fields `scene` and `image`")
+            raise DataError(f"{data}: record {label} needs string fields `scene` and `image` (or `scene` and `text`)")
         path = resolve_image_path(folder, record["image"], label)
         asked = [record["question"]] if isinstance(record.get("question"), str) else list(prompts)
         items += [EvalItem(record["scene"], path, record["image"], prompt) for prompt in asked]
