@@ -93,9 +93,14 @@ class ChatModel:
                             text_mask=text_mask.to(self.device), last_index=attention.sum(dim=1) - 1)
 
 
-def load_chat_model(model_dir: str, *, device: str = "cpu", dtype: torch.dtype | None = None) -> ChatModel:
-    """A saved VLM folder (from `tga finetune`, or stage 1 with `--save_full_model`) ready for chat and analysis."""
+def load_chat_model(model_dir: str, *, device: str = "cpu", dtype: torch.dtype | None = None,
+                    template: str | None = None) -> ChatModel:
+    """A saved VLM folder (from `tga finetune`, or stage 1 with `--save_full_model`) ready for chat and analysis.
+
+    `template` overrides the conversation template the folder was trained with: a stage-1 model trained with `plain`
+    is asked in the LLM's chat format to see what the LLM does with projected images before instruction tuning.
+    """
     model = load_vlm(model_dir, dtype=dtype or torch.float32).to(device)
     tokenizer = load_tokenizer(model_dir)
-    template = getattr(model.config, "tga_template", None) or "llava_llama_2"
+    template = template or getattr(model.config, "tga_template", None) or "llava_llama_2"
     return ChatModel(model, tokenizer, load_image_processor(model_dir), template)

@@ -25,6 +25,7 @@ SUBCOMMANDS = [
     "tga.cli.unlearn_cmd",
     "tga.cli.export_cmd",
     "tga.cli.demo_assets_cmd",
+    "tga.cli.demo_cmd",
 ]
 
 

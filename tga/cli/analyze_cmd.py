@@ -56,6 +56,7 @@ def _similarity(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         dtype=args.dtype,
+        template=args.template,
     )
     for label, report in reports.items():
         cosine = ", ".join(f"{c:.2f}" for c in report["cosine"])
@@ -96,5 +97,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     similarity.add_argument("--data", required=True, help="JSON/JSONL of {image, caption, scene?}")
     similarity.add_argument("--image_folder", default=None, help="folder image paths are relative to")
     similarity.add_argument("--question", default="Describe this image.", help="user text beside each image")
+    similarity.add_argument("--template", default=None, help="conversation template instead of each model's own")
     _add_runtime(similarity)
     similarity.set_defaults(func=_similarity)

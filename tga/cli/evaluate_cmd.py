@@ -29,6 +29,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "model": os.path.abspath(args.model),
         "max_new_tokens": args.max_new_tokens,
         "dtype": args.dtype,
+        "template": args.template,
         "judge_model": os.path.abspath(args.judge_model) if args.judge_model else None,
     }
 
@@ -36,7 +37,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 def _generator(args: argparse.Namespace) -> Any:
     from tga.safety.loading import load_chat
 
-    chat = load_chat(args.model, device=args.device, dtype=args.dtype)
+    chat = load_chat(args.model, device=args.device, dtype=args.dtype, template=args.template)
     return functools.partial(chat.generate, max_new_tokens=args.max_new_tokens)
 
 
@@ -102,6 +103,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="model dtype (default: float32)"
     )
     parser.add_argument("--overwrite", action="store_true", help="discard earlier answers in --out")
+    parser.add_argument(
+        "--template", default=None, help="conversation template instead of the model's own (e.g. a stage-1 model)"
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

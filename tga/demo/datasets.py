@@ -135,6 +135,16 @@ def toxic_pairs(world: WorldScenes) -> list[dict]:
             for concept, scenes in world.toxic_test.items() for scene in scenes]
 
 
+def unlearning_pairs(scenes: list[Scene], *, toxic: bool, count: int) -> list[dict]:
+    """Prompt/response pairs for textual unlearning, from training scenes given in words: toxic ones pair the describe
+    request with the description the model must not give (the forget set), benign ones with their description (the
+    data whose behaviour is kept)."""
+    chosen = [s for s in scenes if s.toxic == toxic][:count]
+    questions = tasks.DESCRIBE_TRAIN
+    return [{"id": f"unlearn-{s.id}", "prompt": tasks.text_prompt(canonical_caption(s), questions[i % len(questions)]),
+             "response": canonical_caption(s)} for i, s in enumerate(chosen)]
+
+
 def _window(scenes: list[Scene], start: int, count: int) -> list[Scene]:
     """`count` scenes from `start`, wrapping around (tiny worlds reuse scenes)."""
     return [scenes[(start + i) % len(scenes)] for i in range(count)]
@@ -161,6 +171,10 @@ def write_world_files(out_dir: str, spec: WorldSpec, world: WorldScenes, *, work
         "benign_text_prompts": _dump_jsonl(os.path.join(data, "benign_text_prompts.jsonl"),
                                            text_prompts(world.test, toxic=False)),
         "toxic_pairs": _dump(os.path.join(data, "toxic_pairs.json"), toxic_pairs(world)),
+        "unlearn_harmful": _dump_jsonl(os.path.join(data, "unlearn_harmful.jsonl"),
+                                       unlearning_pairs(world.train, toxic=True, count=spec.n_stage2_text // 5)),
+        "unlearn_normal": _dump_jsonl(os.path.join(data, "unlearn_normal.jsonl"),
+                                      unlearning_pairs(world.train, toxic=False, count=spec.n_stage2_text // 5)),
     }
     captions = os.path.join(data, "captions.txt")
     with open(captions, "w", encoding="utf-8") as handle:

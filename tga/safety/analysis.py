@@ -108,6 +108,7 @@ def run_similarity(
     batch_size: int = 8,
     device: str = "cpu",
     dtype: str | None = None,
+    template: str | None = None,
 ) -> dict[str, Any]:
     """Per-layer image-vs-caption similarity for each checkpoint; writes similarity.json/.png.
 
@@ -121,6 +122,7 @@ def run_similarity(
         batch_size: prompts per forward pass.
         device: torch device.
         dtype: model dtype name or None.
+        template: conversation template instead of each model's own (None: their own).
 
     Returns:
         Label -> similarity report.
@@ -137,7 +139,7 @@ def run_similarity(
     scenes = [p["scene"] or "all" for p in pairs] if any(p["scene"] for p in pairs) else None
     reports = {}
     for label, model_dir in zip(labels, model_dirs):
-        chat = load_chat(model_dir, device=device, dtype=dtype)
+        chat = load_chat(model_dir, device=device, dtype=dtype, template=template)
         image_states = chat_pooled_states(
             chat, images, [question] * len(images), region="image", batch_size=batch_size, desc=f"{label}: image states"
         )

@@ -34,13 +34,14 @@ def is_vlm_dir(model_dir: str) -> bool:
     return is_vlm_checkpoint(ensure_model_dir(model_dir))
 
 
-def load_chat(model_dir: str, *, device: str = "cpu", dtype: str | None = None) -> Any:
+def load_chat(model_dir: str, *, device: str = "cpu", dtype: str | None = None, template: str | None = None) -> Any:
     """Load a checkpoint as a `tga.inference.ChatModel`.
 
     Args:
         model_dir: the checkpoint folder.
         device: torch device string.
         dtype: "float32" | "float16" | "bfloat16" | None.
+        template: conversation template overriding the folder's own (None: the one it was trained with).
 
     Returns:
         The chat model.
@@ -49,7 +50,7 @@ def load_chat(model_dir: str, *, device: str = "cpu", dtype: str | None = None) 
     torch_dtype = parse_dtype(dtype)
     from tga.inference import load_chat_model
 
-    return load_chat_model(model_dir, device=device, dtype=torch_dtype)
+    return load_chat_model(model_dir, device=device, dtype=torch_dtype, template=template)
 
 
 def load_causal_lm(model_dir: str, *, device: str = "cpu", dtype: str | None = None) -> tuple[Any, Any]:

@@ -1,0 +1,158 @@
+"""tga/demo/pipeline.py
+
+Turns a plan (`tga.demo.plan`) into the phases of a run and runs them: the world and its two pretrained models, text
+retrieval for every training image, the activation layer of the text LLM, then for every seed and method stage 1,
+its evaluation, stage 2 (or unlearning) and its evaluation; finally the report. Methods whose stage-1 options are
+equal share one stage-1 run. Layout of the run folder:
+
+    assets/                      world, tiny CLIP, text LLM (`tga demo-assets`)
+    data/                        stage-1/2 records with `retrieved_caption` (`tga retrieve`)
+    activation/                  activation layer of the text LLM (`tga analyze activation`)
+    seed{S}/{method}/stage1|stage2, eval_stage1|eval_stage2
+    commands.sh, report.md, report.json, *.png
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+
+from tga.demo.phases import Phase, phase_key, run_phase, write_commands
+from tga.demo.plan import Method, Plan
+
+CHAT_TEMPLATE = "mistral_instruct"  # the text LLM's chat format: every evaluation asks in it
+Progress = Callable[[str], None]
+
+
+def flag_argv(options: dict) -> list[str]:
+    """{"tga": True, "tga_weight": 2} -> ["--tga", "true", "--tga_weight", "2"]."""
+    argv: list[str] = []
+    for name, value in options.items():
+        argv += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return argv
+
+
+def evaluation_commands(model: str, folder: str, paths: dict[str, str], settings: dict) -> tuple[tuple[str, ...], ...]:
+    """The evaluation of one model folder: image DSR, text refusal, benign VQA and describe, image/caption similarity."""
+    common = ["--model", model, "--template", CHAT_TEMPLATE, "--max_new_tokens", str(settings["max_new_tokens"]),
+              "--batch_size", str(settings["batch_size"])]
+    question = paths["dsr_question"]
+    return (
+        ("evaluate", "dsr", "--data", paths["toxic_test_folder"], "--prompts", question,
+         "--out", os.path.join(folder, "image_dsr"), *common),
+        ("evaluate", "dsr", "--data", paths["toxic_text_prompts"], "--out", os.path.join(folder, "text_refusal"),
+         *common),
+        ("evaluate", "vqa", "--data", paths["benign_vqa_test"], "--image_folder", paths["image_folder"],
+         "--suffix", "", "--out", os.path.join(folder, "benign_vqa"), *common),
+        ("evaluate", "vqa", "--data", paths["benign_describe_test"], "--image_folder", paths["image_folder"],
+         "--suffix", "", "--out", os.path.join(folder, "benign_describe"), *common),
+        ("analyze", "similarity", "--model", model, "--label", "model", "--data", paths["toxic_pairs"],
+         "--image_folder", paths["image_folder"], "--question", question, "--template", CHAT_TEMPLATE,
+         "--batch_size", str(settings["batch_size"]), "--out", os.path.join(folder, "similarity")),
+    )
+
+
+def assets_phase(plan: Plan, out: str) -> Phase:
+    folder = os.path.join(out, "assets")
+    return Phase("assets", folder, (("demo-assets", "--out", folder, "--seed", str(plan.assets_seed),
+                                     "--size", plan.assets_size),), kind="assets")
+
+
+def read_asset_paths(assets_folder: str) -> dict[str, str]:
+    with open(os.path.join(assets_folder, "assets.json"), encoding="utf-8") as handle:
+        summary = json.load(handle)
+    return {**summary["paths"], "dsr_question": summary["dsr_question"]}
+
+
+def shared_phases(plan: Plan, out: str, paths: dict[str, str]) -> list[Phase]:
+    """Retrieval for both stages' records and the text LLM's activation layer: once per run."""
+    data = os.path.join(out, "data")
+    retrieve = [("retrieve", "--data", paths[f"stage{n}_data"], "--image_folder", paths["image_folder"],
+                 "--corpus", paths["captions"], "--out", os.path.join(data, f"stage{n}.json"), "--backend", "hf_clip",
+                 "--model", paths["clip"], "--index_path", os.path.join(data, "index"), "--top_k", "3",
+                 "--num_workers", "0") for n in (1, 2)]
+    activation = ("analyze", "activation", "--model", paths["llm"], "--data", paths["toxic_text_prompts"],
+                  "--out", os.path.join(out, "activation"))
+    return [Phase("retrieval", data, tuple(retrieve), ("assets",), kind="retrieval"),
+            Phase("activation", os.path.join(out, "activation"), (activation,), ("assets",), kind="activation")]
+
+
+def _stage1_owner(plan: Plan, method: Method) -> Method:
+    """The first training method with the same stage-1 options: its stage-1 run is shared."""
+    return next(m for m in plan.methods if not m.is_unlearning and m.stage1 == method.stage1)
+
+
+def seed_phases(plan: Plan, out: str, paths: dict[str, str], seed: int) -> list[Phase]:
+    """Stage 1, stage 2 / unlearning and both evaluations of every method, for one seed."""
+    root = os.path.join(out, f"seed{seed}")
+    data, activation = os.path.join(out, "data"), os.path.join(out, "activation", "activation.json")
+    model_paths = ["--model_name_or_path", paths["llm"], "--vision_tower", paths["clip"],
+                   "--image_folder", paths["image_folder"], "--seed", str(seed), "--tga_activation_file", activation]
+    phases: list[Phase] = []
+    for method in plan.methods:
+        if method.is_unlearning:
+            continue
+        owner = _stage1_owner(plan, method)
+        stage1 = os.path.join(root, owner.name, "stage1")
+        if owner is method:
+            phases.append(Phase(f"seed{seed}/{method.name}/stage1", stage1, (
+                ("pretrain", plan.configs["stage1"], *model_paths, "--data_path", os.path.join(data, "stage1.json"),
+                 "--output_dir", stage1, *flag_argv(method.stage1)),), ("retrieval", "activation"), kind="stage1"))
+            phases.append(Phase(f"seed{seed}/{method.name}/eval_stage1", os.path.join(root, method.name, "eval_stage1"),
+                                evaluation_commands(stage1, os.path.join(root, method.name, "eval_stage1"), paths,
+                                                    plan.evaluation), (f"seed{seed}/{method.name}/stage1",),
+                                kind="evaluate"))
+        stage2 = os.path.join(root, method.name, "stage2")
+        phases.append(Phase(f"seed{seed}/{method.name}/stage2", stage2, (
+            ("finetune", plan.configs["stage2"], *model_paths, "--data_path", os.path.join(data, "stage2.json"),
+             "--pretrain_mm_mlp_adapter", os.path.join(stage1, "mm_projector.safetensors"), "--output_dir", stage2,
+             *flag_argv(method.stage2)),), (f"seed{seed}/{owner.name}/stage1",), kind="stage2"))
+    for method in plan.methods:
+        if method.is_unlearning:
+            base = os.path.join(root, method.base, "stage2")
+            folder = os.path.join(root, method.name, "stage2")
+            phases.append(Phase(f"seed{seed}/{method.name}/stage2", folder, (
+                ("unlearn", plan.configs["unlearn"], "--model", base, "--harmful", paths["unlearn_harmful"],
+                 "--normal", paths["unlearn_normal"], "--output_dir", folder, "--seed", str(seed),
+                 *flag_argv(method.unlearn or {})),), (f"seed{seed}/{method.base}/stage2",), kind="unlearn"))
+    for method in plan.methods:
+        stage2, folder = os.path.join(root, method.name, "stage2"), os.path.join(root, method.name, "eval_stage2")
+        phases.append(Phase(f"seed{seed}/{method.name}/eval_stage2", folder,
+                            evaluation_commands(stage2, folder, paths, plan.evaluation),
+                            (f"seed{seed}/{method.name}/stage2",), kind="evaluate"))
+    return phases
+
+
+def stage1_folder(plan: Plan, out: str, seed: int, method: Method) -> str:
+    """Where a method's stage-1 evaluation lives (an unlearning method reports its base's stage 1)."""
+    source = plan.method(method.base) if method.is_unlearning else method
+    return os.path.join(out, f"seed{seed}", _stage1_owner(plan, source).name, "eval_stage1")
+
+
+def run_plan(plan: Plan, out: str, runner: Callable[[list[str]], int], progress: Progress = print) -> dict:
+    """Run every phase of `plan` under `out` (reusing finished ones); returns {phase name: record}."""
+    os.makedirs(out, exist_ok=True)
+    started = time.time()
+    records: dict[str, dict] = {}
+    keys: dict[str, str] = {}
+
+    def run(phase: Phase, number: int, total: int, clear: bool = True) -> None:
+        key = phase_key(phase, [keys[name] for name in phase.after])
+        progress(f"[{number}/{total}] {phase.name} ({time.time() - started:.0f} s elapsed)")
+        records[phase.name] = run_phase(phase, key, runner, clear=clear)
+        keys[phase.name] = key
+        state = "reused" if records[phase.name]["cached"] else f"done in {records[phase.name]['seconds']:.0f} s"
+        progress(f"[{number}/{total}] {phase.name}: {state}")
+
+    first = assets_phase(plan, out)
+    run(first, 1, 1, clear=False)
+    paths = read_asset_paths(first.folder)
+    phases = shared_phases(plan, out, paths)
+    for seed in plan.seeds:
+        phases += seed_phases(plan, out, paths, seed)
+    write_commands([first, *phases], os.path.join(out, "commands.sh"))
+    for number, phase in enumerate(phases, start=1):
+        run(phase, number, len(phases))
+    return {"phases": records, "seconds": round(time.time() - started, 1), "paths": paths}
