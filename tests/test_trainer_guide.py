@@ -14,7 +14,8 @@ from tga.model.tokenizer import image_token_id, load_tokenizer
 from tga.model.vision import load_image_processor
 from tga.model.vlm import build_vlm
 from tga.train.stages import apply_stage, trainable_components
-from tga.train.trainer import GuideSettings, TGATrainer
+from tga.align import pool_layers
+from tga.train.trainer import BATCH_EXTRAS, GuideSettings, TGATrainer
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +76,50 @@ def test_toxic_and_caption_less_samples_are_outside_the_guide(setup):
     expected = [row for row, r in enumerate(batch["records"]) if r.image and r.caption and not r.toxic]
     assert batch["guide_index"].tolist() == expected
     assert any(r.toxic for r in batch["records"]) and any(r.image is None for r in batch["records"])
+
+
+def test_centred_guide_measures_states_minus_the_running_caption_mean(setup):
+    model, tokenizer, batch, args = setup
+    apply_stage(model, trainable_components("finetune"))
+    trainer = TGATrainer(model=model, args=args, processing_class=tokenizer,
+                         guide=GuideSettings(layers=[1, 2], center=True))
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+    with torch.no_grad():
+        hidden = model(**inputs, output_hidden_states=True).hidden_states
+        _, metrics = trainer.guide_term(model, hidden, batch)
+        captions = trainer.caption_states(model, batch, hidden[0].shape[-1])
+    index = batch["guide_index"]
+    images = pool_layers(hidden, [1, 2], batch["image_mask"])[:, index]
+    centre = captions.mean(dim=1, keepdim=True)  # the first update sets the centre to the batch mean
+    assert torch.allclose(trainer.center().unsqueeze(1), centre, atol=1e-6)
+    expected = torch.nn.functional.cosine_similarity(images - centre, captions - centre, dim=-1).mean(dim=1)
+    assert torch.allclose(metrics["cos_ic"], expected, atol=1e-5)
+    uncentred = torch.nn.functional.cosine_similarity(images, captions, dim=-1).mean(dim=1)
+    assert not torch.allclose(expected, uncentred, atol=1e-3)  # centring changes what is measured
+
+
+def test_frozen_target_never_changes_while_the_model_trains(setup, tiny_assets):
+    tokenizer = setup[1]
+    torch.manual_seed(0)
+    model = build_vlm(tiny_assets["llm"], tiny_assets["vision"], tokenizer)
+    batch, args = setup[2], setup[3]
+    apply_stage(model, trainable_components("finetune"))
+    trainer = TGATrainer(model=model, args=args, processing_class=tokenizer,
+                         guide=GuideSettings(layers=[1, 2], target="frozen"))
+    frozen = {k: v.clone() for k, v in trainer.frozen_language_model.state_dict().items()}
+    live_before = {k: v.clone() for k, v in model.model.language_model.state_dict().items()}
+    target_before = trainer.caption_states(model, batch, model.config.text_config.hidden_size)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    keys = ("input_ids", "attention_mask", "pixel_values", "labels", *BATCH_EXTRAS)
+    for _ in range(3):
+        loss = trainer.compute_loss(model, {k: batch[k] for k in keys if k in batch})
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert all(torch.equal(v, frozen[k]) for k, v in trainer.frozen_language_model.state_dict().items())
+    assert any(not torch.equal(v, live_before[k]) for k, v in model.model.language_model.state_dict().items())
+    assert all(not p.requires_grad for p in trainer.frozen_language_model.parameters())
+    target_after = trainer.caption_states(model, batch, model.config.text_config.hidden_size)
+    assert torch.equal(target_before, target_after)  # the target is the stage-start model's, bitwise
+    trainer.frozen_language_model = None  # the live target follows the trained model
+    assert not torch.allclose(trainer.caption_states(model, batch, model.config.text_config.hidden_size), target_after)

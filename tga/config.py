@@ -206,3 +206,9 @@ def check_config(model_args, data_args, tga_args, training_args) -> None:
         raise ConfigError("--tga_schedule released applies the released form's (1-r) factors; use --tga_form released")
     if tga_args.tga_target not in ("live", "frozen"):
         raise ConfigError(f"--tga_target `{tga_args.tga_target}` must be live or frozen")
+
+
+def zero_stage(training_args: TrainingArguments) -> int | None:
+    """The ZeRO stage of the run's DeepSpeed config (None without DeepSpeed)."""
+    plugin = getattr(training_args, "hf_deepspeed_config", None)
+    return plugin.config.get("zero_optimization", {}).get("stage") if plugin is not None else None

@@ -17,7 +17,7 @@ import torch
 from transformers import set_seed
 
 from tga.align import load_activation_layer, parse_layer_spec
-from tga.config import config_argv, parse_config
+from tga.config import config_argv, parse_config, zero_stage
 from tga.data.arrow_records import ArrowSupervisedDataset, open_records
 from tga.data.collator import VLMCollator
 from tga.data.dataset import SampleBuilder
@@ -95,7 +95,8 @@ def guide_settings(tga_args, model) -> GuideSettings | None:
     if not layers:
         raise ConfigError("--tga true with no target layers: set --tga_layers")
     return GuideSettings(layers=layers, form=tga_args.tga_form, weight=tga_args.tga_weight,
-                         schedule=tga_args.tga_schedule, temperature=tga_args.tga_temperature)
+                         schedule=tga_args.tga_schedule, temperature=tga_args.tga_temperature,
+                         target=tga_args.tga_target, center=tga_args.tga_center)
 
 
 def write_resolved_config(output_dir: str, stage: str, argv: list[str], *arg_objects) -> dict:
@@ -117,8 +118,9 @@ def run_stage(stage: str, argv: list[str]) -> str:
     components = trainable_components(stage, tune_mm_mlp_adapter=model_args.tune_mm_mlp_adapter,
                                       freeze_backbone=model_args.freeze_backbone,
                                       freeze_mm_mlp_adapter=model_args.freeze_mm_mlp_adapter)
-    if tga_args.tga_center or tga_args.tga_target != "live":
-        raise ConfigError("--tga_center and --tga_target frozen are not available in training yet; use the defaults")
+    if tga_args.tga and tga_args.tga_target == "frozen" and "llm" in components and zero_stage(training_args) == 3:
+        raise ConfigError("--tga_target frozen copies the LLM at the start of stage 2, which ZeRO-3 has partitioned; "
+                          "use ZeRO-2 (deepspeed_configs/zero2.json) or --tga_target live")
     if is_main_process():
         check_output_dir(training_args.output_dir)  # a read-only or missing mount fails now, not at the first save
     resolved = write_resolved_config(training_args.output_dir, stage, argv, model_args, data_args, tga_args,

@@ -4,8 +4,12 @@
 
 The training forward asks the LLM for its hidden states (never attentions); image-token and retrieved-text states
 are mean-pooled at the target layers. The caption target C comes from a no-grad text-only pass of the same language
-model over the caption under the stage's system prompt (the `live` target of the paper and released code). Toxic
-records and records without a caption are not in the guide loss (the collator leaves them out of `guide_index`).
+model over the caption under the stage's system prompt (the `live` target of the paper and released code), or of a
+frozen copy of the language model taken when training starts (`frozen`: the target cannot drift or collapse with the
+model being trained). With centring, a running mean of caption states (`CaptionCenter`) is subtracted from the image,
+caption and retrieved states before the cosines, so the loss rewards content rather than the direction all caption
+states share. Toxic records and records without a caption are not in the guide loss (the collator leaves them out of
+`guide_index`).
 
 [IMPORTANT] Under multi-rank ZeRO-3 every rank must run the same modules in the same order in every step:
 parameters are gathered with collectives. The trainer then builds the input embeddings itself (as Llava's forward
@@ -17,6 +21,7 @@ Only public Trainer hooks are overridden: compute_loss, create_optimizer, _get_t
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -24,6 +29,7 @@ import torch
 from transformers import Trainer
 
 from tga.align import guide_loss, pool_layers
+from tga.align.centering import CaptionCenter
 from tga.data.sampler import ModalityLengthGroupedSampler
 from tga.train.running_means import RunningMeans
 
@@ -38,6 +44,8 @@ class GuideSettings:
     weight: float = 1.0
     schedule: str = "none"  # none | linear | released
     temperature: float = 0.07
+    target: str = "live"  # live | frozen
+    center: bool = False
 
 
 class TGATrainer(Trainer):
@@ -48,6 +56,12 @@ class TGATrainer(Trainer):
         self.projector_lr = projector_lr
         self.always_run_all_modules = always_run_all_modules
         self.running = RunningMeans()
+        self.center: CaptionCenter | None = None
+        self.frozen_language_model = None
+        if guide is not None and guide.target == "frozen":
+            live = self.model.model.language_model
+            if any(p.requires_grad for p in live.parameters()):  # a frozen LLM (stage 1) is its own frozen target
+                self.frozen_language_model = copy.deepcopy(live).eval().requires_grad_(False)
 
     # ---- data ----
     def _get_train_sampler(self, train_dataset=None):
@@ -123,7 +137,9 @@ class TGATrainer(Trainer):
 
         With no guide sample (G = 0) the pass still runs on one token when every rank must run the same modules.
         """
-        language_model = self.accelerator.unwrap_model(model).model.language_model
+        language_model = self.frozen_language_model or self.accelerator.unwrap_model(model).model.language_model
+        if self.frozen_language_model is not None and next(language_model.parameters()).device != self.args.device:
+            language_model.to(self.args.device)
         if "caption_input_ids" in extras:
             ids, attention, mask = extras["caption_input_ids"], extras["caption_attention_mask"], extras["caption_mask"]
         else:
@@ -148,6 +164,12 @@ class TGATrainer(Trainer):
         captions = self.caption_states(model, extras, images.shape[-1])
         index = extras.get("guide_index", torch.zeros(0, dtype=torch.long, device=images.device))
         images, retrieved = images[:, index], retrieved[:, index]
+        if self.guide.center:
+            if self.center is None:
+                self.center = CaptionCenter(len(self.guide.layers), images.shape[-1]).to(images.device)
+            self.center.update(captions)  # a collective under torch.distributed: every rank calls it every step
+            mean = self.center().to(images.dtype)[:, None, :]
+            images, retrieved, captions = images - mean, retrieved - mean, captions - mean
         has_retrieved = extras["retrieved_mask"][index].any(dim=1)
         kwargs = {"form": self.guide.form, "temperature": self.guide.temperature,
                   "step_ratio": self.step_ratio() if self.guide.schedule == "released" else 0.0}

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from transformers import HfArgumentParser
 
-from tga.config import TrainingArguments, check_precision, config_argv, flag_value, is_true
+from tga.config import TrainingArguments, check_precision, config_argv, flag_value, is_true, zero_stage
 from tga.errors import ConfigError
 
 # Yao et al.'s defaults, overridable; saving only at the end, the folder is a full model.
@@ -91,7 +91,3 @@ def check_unlearn_args(args: UnlearnArguments, training_args: TrainingArguments)
     if args.lora_enable and training_args.deepspeed and zero_stage(training_args) == 3:
         raise ConfigError("--lora_enable with ZeRO-3 is not supported by `tga unlearn`; use deepspeed_configs/zero2.json")
 
-
-def zero_stage(training_args: TrainingArguments) -> int | None:
-    plugin = getattr(training_args, "hf_deepspeed_config", None)
-    return plugin.config.get("zero_optimization", {}).get("stage") if plugin is not None else None
