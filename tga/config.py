@@ -37,6 +37,14 @@ class ModelArguments:
     mm_use_im_start_end: bool = False                   # LLaVA flag; only False is supported (HF Llava layout)
     mm_use_im_patch_token: bool = False                 # LLaVA flag; only False is supported
     attn_implementation: str | None = None              # sdpa (default) | eager | flash_attention_2
+    # LoRA on the LLM in stage 2 (LLaVA's flags; LLaVA keeps them in TrainingArguments, but `tga unlearn` parses
+    # TrainingArguments next to its own lora_* options). docs/training.md#lora
+    lora_enable: bool = False                           # LoRA adapters on the LLM's linear layers instead of all LLM weights
+    lora_r: int = 64                                    # LoRA rank
+    lora_alpha: int = 16                                # LoRA scaling numerator (scaling = alpha / r)
+    lora_dropout: float = 0.05                          # dropout on the LoRA input
+    lora_bias: str = "none"                             # none | lora_only | all (peft's bias option)
+    lora_target: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # LLM linear layers to adapt
     # fmt: on
 
 
@@ -206,6 +214,14 @@ def check_config(model_args, data_args, tga_args, training_args) -> None:
         raise ConfigError("--tga_schedule released applies the released form's (1-r) factors; use --tga_form released")
     if tga_args.tga_target not in ("live", "frozen"):
         raise ConfigError(f"--tga_target `{tga_args.tga_target}` must be live or frozen")
+    if model_args.lora_enable:
+        if model_args.lora_r <= 0:
+            raise ConfigError(f"--lora_r must be > 0, got {model_args.lora_r}")
+        if model_args.lora_bias not in ("none", "lora_only", "all"):
+            raise ConfigError(f"--lora_bias `{model_args.lora_bias}` must be none, lora_only or all")
+        if model_args.tune_mm_mlp_adapter or model_args.freeze_backbone:
+            raise ConfigError("--lora_enable trains the LLM through adapters; it contradicts --tune_mm_mlp_adapter / "
+                              "--freeze_backbone (LLM frozen)")
 
 
 def zero_stage(training_args: TrainingArguments) -> int | None:

@@ -4,18 +4,22 @@
 `AutoProcessor` load with no project code (weights as safetensors, tokenizer and processor with the training chat
 template). SOURCE is a stage-2 output folder, a stage-1 folder saved with `--save_full_model`, or a DeepSpeed
 checkpoint folder (`checkpoint-N` holding `global_stepN/` ZeRO shards), whose shards are consolidated with
-DeepSpeed's own `get_fp32_state_dict_from_zero_checkpoint`.
+DeepSpeed's own `get_fp32_state_dict_from_zero_checkpoint`. Checkpoints of a LoRA run (`--lora_enable`) hold the
+adapters unmerged; they are merged here (alpha from the run's tga_config.json), so the export is always a plain model.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 
 from transformers import AutoConfig, LlavaForConditionalGeneration
 
 from tga.data.chat_templates import chat_template
 from tga.errors import ConfigError
+from tga.model.lora import has_lora_keys, merge_lora_checkpoint_state
 from tga.model.projector import DEFAULT_PROJECTOR, build_projector
 from tga.model.tokenizer import load_tokenizer
 from tga.model.vision import load_image_processor
@@ -61,7 +65,7 @@ def model_from_deepspeed_checkpoint(path: str) -> LlavaForConditionalGeneration:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     config = AutoConfig.from_pretrained(path)
-    state = get_fp32_state_dict_from_zero_checkpoint(path)
+    state = merge_lora_checkpoint_state(get_fp32_state_dict_from_zero_checkpoint(path), path)
     model = LlavaForConditionalGeneration(config)
     projector_type = getattr(config, "mm_projector_type", DEFAULT_PROJECTOR)
     if projector_type != DEFAULT_PROJECTOR:
@@ -75,12 +79,48 @@ def model_from_deepspeed_checkpoint(path: str) -> LlavaForConditionalGeneration:
     return model
 
 
+def weight_files(path: str) -> list[str]:
+    index_file = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index_file):
+        with open(index_file, encoding="utf-8") as handle:
+            return sorted(set(json.load(handle)["weight_map"].values()))
+    return ["model.safetensors"]
+
+
+def folder_has_lora(path: str) -> bool:
+    """True for a model folder whose weights hold unmerged LoRA tensors (a Trainer checkpoint of a LoRA run)."""
+    from safetensors import safe_open
+
+    for name in weight_files(path):
+        with safe_open(os.path.join(path, name), framework="pt") as handle:
+            if has_lora_keys(dict.fromkeys(handle.keys())):
+                return True
+    return False
+
+
+def load_merged_lora_folder(path: str) -> LlavaForConditionalGeneration:
+    """A model folder with unmerged LoRA tensors, merged (in the file's key layout) and loaded as a plain VLM."""
+    from safetensors.torch import load_file, save_file
+
+    state = {}
+    for name in weight_files(path):
+        state.update(load_file(os.path.join(path, name)))
+    merged = merge_lora_checkpoint_state(state, path)
+    folder = tempfile.mkdtemp(prefix="tga-export-")
+    try:
+        shutil.copy(os.path.join(path, "config.json"), folder)
+        save_file(merged, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        return load_vlm(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def export_hf_llava(source: str, out_dir: str) -> str:
     """Write an HF-native Llava folder for `source`; returns `out_dir`."""
     if not os.path.isdir(source):
         raise ConfigError(f"export source not found: {source}")
     if has_weights(source) and is_vlm_checkpoint(source):
-        model = load_vlm(source)
+        model = load_merged_lora_folder(source) if folder_has_lora(source) else load_vlm(source)
     elif is_deepspeed_checkpoint(source):
         model = model_from_deepspeed_checkpoint(source)
     else:

@@ -24,6 +24,7 @@ from tga.data.dataset import SampleBuilder
 from tga.data.guard import BadRecordLog, GuardedDataset
 from tga.data.templates import get_template
 from tga.errors import ConfigError
+from tga.model.lora import add_lora, save_lora_model_folder
 from tga.model.tokenizer import image_token_id, load_tokenizer
 from tga.model.vision import load_image_processor
 from tga.model.vlm import build_vlm, is_vlm_checkpoint, load_vlm
@@ -33,7 +34,7 @@ from tga.train.distributed import is_main_process, prepare_process
 from tga.train.plots import plot_training_curves
 from tga.train.preflight import check_output_dir, preflight
 from tga.train.resilience import resolve_resume_checkpoint, run_guards
-from tga.train.stages import apply_stage, trainable_components
+from tga.train.stages import apply_lora_stage, apply_stage, trainable_components
 from tga.train.tracking import ResolvedConfigCallback, git_revision
 from tga.train.trainer import GuideSettings, TGATrainer
 
@@ -121,6 +122,8 @@ def run_stage(stage: str, argv: list[str]) -> str:
     if tga_args.tga and tga_args.tga_target == "frozen" and "llm" in components and zero_stage(training_args) == 3:
         raise ConfigError("--tga_target frozen copies the LLM at the start of stage 2, which ZeRO-3 has partitioned; "
                           "use ZeRO-2 (deepspeed_configs/zero2.json) or --tga_target live")
+    if model_args.lora_enable and "llm" not in components:
+        raise ConfigError("--lora_enable is for stage 2 (finetune), where the LLM trains")
     if is_main_process():
         check_output_dir(training_args.output_dir)  # a read-only or missing mount fails now, not at the first save
     resolved = write_resolved_config(training_args.output_dir, stage, argv, model_args, data_args, tga_args,
@@ -131,6 +134,10 @@ def run_stage(stage: str, argv: list[str]) -> str:
     if model_args.pretrain_mm_mlp_adapter:
         load_projector(model, model_args.pretrain_mm_mlp_adapter)
     apply_stage(model, components)
+    if model_args.lora_enable:  # adapters on the LLM's linear layers, injected in place: the model stays a Llava
+        model = add_lora(model, r=model_args.lora_r, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout,
+                         targets=model_args.lora_target, bias=model_args.lora_bias, wrap=False)
+        apply_lora_stage(model, components)
     dataset = build_dataset(data_args, tga_args, model, tokenizer, image_processor, training_args, stage=stage)
     preflight(training_args.output_dir, model)
     zero3_multi_rank = training_args.world_size > 1 and bool(training_args.deepspeed)
@@ -159,7 +166,10 @@ def run_stage(stage: str, argv: list[str]) -> str:
     projector_only = stage == "pretrain" and "llm" not in components
     if projector_only:
         save_projector(model, training_args.output_dir)
-    if not projector_only or training_args.save_full_model:
+    if model_args.lora_enable:  # merged full folder + lora_adapter/
+        save_lora_model_folder(trainer, model, tokenizer, image_processor, training_args.output_dir,
+                               base_model=model_args.model_name_or_path)
+    elif not projector_only or training_args.save_full_model:
         save_model_folder(trainer, model, tokenizer, image_processor, training_args.output_dir)
     elif is_main_process():
         model.config.save_pretrained(training_args.output_dir)

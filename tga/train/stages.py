@@ -6,6 +6,7 @@ What each training stage trains and freezes; the only place where `requires_grad
     finetune  (stage 2)  LLM + projector; vision tower frozen
 The LLaVA flags `--tune_mm_mlp_adapter` (projector only), `--freeze_backbone` (LLM frozen) and
 `--freeze_mm_mlp_adapter` (projector frozen) refine this, as in LLaVA.
+    finetune + --lora_enable   LoRA adapters of the LLM + projector; LLM base weights, lm_head and vision frozen
 """
 
 from __future__ import annotations
@@ -54,4 +55,26 @@ def apply_stage(model, components: set[str]) -> dict[str, int]:
                 total += parameter.ds_numel if hasattr(parameter, "ds_numel") else parameter.numel()
         counts[name] = total if trainable else 0
         logger.info("%s %-9s %12d parameters", "[TRAINABLE]" if trainable else "[Frozen]   ", name, total)
+    return counts
+
+
+def apply_lora_stage(model, components: set[str]) -> dict[str, int]:
+    """After LoRA injection (tga.model.lora.add_lora, which leaves only the adapters, and biases under --lora_bias,
+    trainable): the vision tower frozen, the projector trainable if it is in `components`, the LLM base frozen."""
+    from tga.model.lora import is_lora_key
+
+    counts = {}
+    for name, modules in component_modules(model).items():
+        total = 0
+        for module in modules:
+            for key, parameter in module.named_parameters():
+                if name != "llm":
+                    parameter.requires_grad_(name in components)
+                elif is_lora_key(key):
+                    parameter.requires_grad_(True)
+                if parameter.requires_grad:
+                    total += parameter.ds_numel if hasattr(parameter, "ds_numel") else parameter.numel()
+        counts[name] = total
+        logger.info("%s %-9s %12d parameters%s", "[TRAINABLE]" if total else "[Frozen]   ", name, total,
+                    " (LoRA adapters)" if name == "llm" else "")
     return counts

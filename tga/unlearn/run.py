@@ -17,6 +17,7 @@ from transformers import set_seed
 from tga.data.chat_templates import chat_template
 from tga.data.dataset import SampleBuilder
 from tga.data.templates import get_template
+from tga.model.lora import add_lora
 from tga.model.tokenizer import image_token_id, load_tokenizer
 from tga.model.vision import load_image_processor
 from tga.model.vlm import load_vlm
@@ -33,16 +34,6 @@ from tga.unlearn.trainer import UnlearnTrainer
 
 logger = logging.getLogger(__name__)
 SUMMARY_FILE = "unlearn_summary.json"
-
-
-def add_lora(model, args: UnlearnArguments):
-    """LoRA adapters on the LLM's linear layers only (vision tower and projector untouched and frozen)."""
-    from peft import LoraConfig, get_peft_model
-
-    names = "|".join(name.strip() for name in args.lora_target_modules.split(",") if name.strip())
-    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                        target_modules=rf".*language_model\..*\.({names})")
-    return get_peft_model(model, config)
 
 
 def llm_parameter_count(model) -> int:
@@ -103,7 +94,9 @@ def prepare_unlearning(argv: list[str]) -> UnlearnRun:
     apply_stage(model, {"llm"})
     llm_params = llm_parameter_count(model)
     if args.lora_enable:
-        model = add_lora(model, args)
+        # LoRA on the LLM's linear layers only, as a PeftModel: the reference is the model under disable_adapter().
+        model = add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                         targets=args.lora_target_modules)
     # Loaded after TrainingArguments: under ZeRO-3 transformers partitions it while loading.
     reference = load_vlm(args.model, dtype=dtype) if args.reference_kind() == "copy" else None
     counter = TokenCounter()
