@@ -207,7 +207,8 @@ def test_clip_folder_gives_the_vision_tower_processor_and_tokenizer(tiny_assets)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     ids = tokenizer(["a red knife on the left"])["input_ids"][0]
     assert ids[-1] == clip.config.text_config.eos_token_id != 2
-    assert tokenizer.convert_ids_to_tokens(ids)[1:-1] == ["a</w>", "red</w>", "knife</w>", "on</w>", "the</w>", "left</w>"]
+    assert tokenizer.convert_ids_to_tokens(ids) == ["<|startoftext|>", "a", "red", "knife", "on", "the", "left",
+                                                     "<|endoftext|>"]
 
 
 def test_llm_folder_loads_and_chat_template_masks_answers(tiny_assets):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import CLIPModel, CLIPTokenizer
+from transformers import CLIPModel, PreTrainedTokenizerFast
 
 from tga.demo.world import COLOURS, CONCEPTS, POSITIONS, TOXIC_CONCEPTS, Scene, canonical_caption, replace_attribute
 
@@ -35,7 +35,7 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
     return (images.float() / 255.0 - mean) / std
 
 
-def tokenize(tokenizer: CLIPTokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize(tokenizer: PreTrainedTokenizerFast, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask [N, max_length]; each distinct text is tokenized once (captions repeat a lot)."""
     unique = list(dict.fromkeys(texts))
     encoded = tokenizer(unique, truncation=True, max_length=max_length)["input_ids"]
@@ -49,7 +49,7 @@ def tokenize(tokenizer: CLIPTokenizer, texts: list[str], max_length: int) -> tup
 
 
 @torch.no_grad()
-def embed(model: CLIPModel, tokenizer: CLIPTokenizer, *, images: torch.Tensor | None = None,
+def embed(model: CLIPModel, tokenizer: PreTrainedTokenizerFast, *, images: torch.Tensor | None = None,
           texts: list[str] | None = None, max_length: int = 40, batch: int = 512) -> torch.Tensor:
     """L2-normalised image (uint8 batch) or text embeddings."""
     out = []
@@ -76,7 +76,7 @@ def zero_shot(model, tokenizer, image_emb: torch.Tensor, candidates: list[list[s
     return float((predicted == torch.tensor(truth)).float().mean())
 
 
-def evaluate_clip(model: CLIPModel, tokenizer: CLIPTokenizer, images: torch.Tensor, scenes: list[Scene],
+def evaluate_clip(model: CLIPModel, tokenizer: PreTrainedTokenizerFast, images: torch.Tensor, scenes: list[Scene],
                   max_length: int) -> dict[str, float]:
     """Zero-shot accuracy on held-out images: concept (single-object scenes), colour and position, and caption R@1."""
     model.eval()

@@ -3,7 +3,7 @@
 Trains the demo world's tiny CLIP: a transformers `CLIPModel` (small ViT + 2-layer text encoder) fitted
 contrastively on image-caption pairs of every concept, toxic ones included (a real CLIP has seen knives), with soft
 targets where two images of a batch share a caption. The folder it saves is a standard CLIP checkpoint: model
-(safetensors), `CLIPImageProcessor` (image size, CLIP mean/std) and a BPE `CLIPTokenizer` trained on the world's
+(safetensors), `CLIPImageProcessor` (image size, CLIP mean/std) and a word-level tokenizer (CLIP start/end tokens) of the world's
 captions, so `CLIPVisionModel.from_pretrained` gives the VLM's vision tower and the same folder serves retrieval.
 """
 
@@ -12,13 +12,16 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+from tokenizers.models import WordLevel
 from tqdm import tqdm
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
 
 from tga.demo.clip_captions import training_captions, valid_captions
 from tga.demo.clip_eval import CLIP_MEAN, CLIP_STD, evaluate_clip, load_images, normalise, tokenize
@@ -59,12 +62,29 @@ def clip_spec(size: str) -> ClipSpec:
     return CLIP_PRESETS[size]
 
 
-def train_caption_tokenizer(captions: list[str], vocab_size: int) -> CLIPTokenizer:
-    """A CLIP (byte-level BPE, lower-cased) tokenizer trained on the world's captions."""
-    return CLIPTokenizer().train_new_from_iterator(captions, vocab_size=vocab_size)
+CAPTION_SPECIALS = ("<|startoftext|>", "<|endoftext|>", "<|unk|>")  # ids 0, 1, 2: eos is 1 (see build_clip)
 
 
-def build_clip(spec: ClipSpec, tokenizer: CLIPTokenizer, image_size: int) -> CLIPModel:
+def train_caption_tokenizer(captions: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A word-level, lower-cased tokenizer of the world's closed vocabulary, with CLIP's start and end tokens.
+
+    [IMPORTANT] Not a trained BPE: the `tokenizers` BPE trainer breaks count ties in hash-map order, so two builds
+    with the same seed gave different vocabularies (and different CLIPs). A sorted word list is the same every time.
+    """
+    words = sorted({word for caption in captions for word in re.findall(r"\w+|[^\w\s]+", caption.lower())})
+    if len(words) + len(CAPTION_SPECIALS) > vocab_size:
+        raise ConfigError(f"the captions hold {len(words)} distinct words; raise the CLIP vocab_size ({vocab_size})")
+    vocab = {token: index for index, token in enumerate([*CAPTION_SPECIALS, *words])}
+    backend = Tokenizer(WordLevel(vocab, unk_token="<|unk|>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                                   unk_token="<|unk|>", pad_token="<|endoftext|>", model_max_length=77)
+
+
+def build_clip(spec: ClipSpec, tokenizer: PreTrainedTokenizerFast, image_size: int) -> CLIPModel:
     if image_size % spec.patch_size:
         raise ConfigError(f"patch size {spec.patch_size} does not divide the image size {image_size}")
     config = CLIPConfig(
@@ -112,7 +132,8 @@ def init_positions(model: CLIPModel) -> None:
 
 
 class SceneHead(torch.nn.Module):
-    """Auxiliary head: from CLIP's image embedding, the concept and the colour at each of the five positions.
+    """Auxiliary head on the vision tower's pooled state: the concepts present, and the concept and colour at each of
+    the five positions.
 
     [IMPORTANT] The contrastive loss alone teaches a 0.6 M-parameter ViT colour within the budget but shape and
     position only slowly (they matter for few in-batch negatives); this dense signal makes the vision tower parse the
@@ -121,14 +142,18 @@ class SceneHead(torch.nn.Module):
 
     def __init__(self, width: int) -> None:
         super().__init__()
+        self.present = torch.nn.Linear(width, len(CONCEPTS))
         self.concepts = torch.nn.Linear(width, len(POSITIONS) * (len(CONCEPTS) + 1))
         self.colours = torch.nn.Linear(width, len(POSITIONS) * (len(COLOURS) + 1))
 
     def loss(self, pooled: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Which concepts are present (multi-label), and the concept and colour at each position."""
         concept_logits = self.concepts(pooled).view(len(pooled) * len(POSITIONS), -1)
         colour_logits = self.colours(pooled).view(len(pooled) * len(POSITIONS), -1)
-        return F.cross_entropy(concept_logits, targets[..., 0].reshape(-1)) + F.cross_entropy(
-            colour_logits, targets[..., 1].reshape(-1))
+        present = torch.zeros(len(pooled), len(CONCEPTS) + 1).scatter_(1, targets[..., 0], 1.0)[:, :-1]
+        return (F.binary_cross_entropy_with_logits(self.present(pooled), present, reduction="sum") / len(pooled)
+                + F.cross_entropy(concept_logits, targets[..., 0].reshape(-1))
+                + F.cross_entropy(colour_logits, targets[..., 1].reshape(-1)))
 
 
 def slot_targets(scenes: list[Scene]) -> torch.Tensor:
@@ -187,7 +212,7 @@ def train_clip(image_folder: str, train_scenes: list[Scene], test_scenes: list[S
         model = build_clip(spec, tokenizer, image_size)
         if spec.sincos_positions:
             init_positions(model)
-        head = SceneHead(spec.projection_dim)  # reads the projected image embedding (CLIP's `pooler_output` in v5)
+        head = SceneHead(spec.vision_width)
         optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=spec.lr,
                                       weight_decay=spec.weight_decay)
         schedule = cosine_schedule(optimizer, spec.warmup_steps, spec.steps)
@@ -207,7 +232,9 @@ def train_clip(image_folder: str, train_scenes: list[Scene], test_scenes: list[S
             out = model(input_ids=ids[:, :length], attention_mask=mask[:, :length], pixel_values=normalise(images[batch]))
             loss = contrastive_loss(out.logits_per_image, validity([valid_sets[int(i)] for i in batch], texts))
             if spec.aux_weight:
-                loss = loss + spec.aux_weight * head.loss(out.vision_model_output.pooler_output, targets[batch])
+                # the tower's pooled CLS state (CLIP's `pooler_output` is already projected in transformers 5)
+                pooled = model.vision_model.post_layernorm(out.vision_model_output.last_hidden_state[:, 0])
+                loss = loss + spec.aux_weight * head.loss(pooled, targets[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

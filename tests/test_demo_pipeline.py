@@ -1,0 +1,134 @@
+"""The demo pipeline end to end on the tiny world (`tga sweep` with a reduced plan): every phase runs through the real
+`tga` commands, the report has every method x seed x stage, each number lies in [0, 1] and equals what the saved
+answers give, finished phases are reused, a run is deterministic, and plans are checked before anything runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+import yaml
+
+from tga.cli import main
+from tga.demo.plan import load_plan, parse_plan
+from tga.errors import ConfigError
+
+RATES = ("image_dsr", "describes_toxic", "text_refusal", "benign_vqa_accuracy", "benign_describe_accuracy",
+         "false_refusal")
+
+
+def plan_file(folder, methods, seeds=(0,)) -> str:
+    plan = {"assets": {"size": "tiny", "seed": 0}, "seeds": list(seeds),
+            "configs": {"stage1": "configs/demo/pretrain.yaml", "stage2": "configs/demo/finetune.yaml",
+                        "unlearn": "configs/demo/unlearn.yaml"},
+            "evaluation": {"max_new_tokens": 6, "batch_size": 32}, "methods": methods}
+    path = os.path.join(folder, "plan.yaml")
+    with open(path, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(plan, handle)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reduced_demo(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("demo")
+    guide = {"tga": True, "tga_layers": "1-2"}  # the untrained tiny LLM has no activation layer for `auto`
+    methods = {"llava": {}, "tga": {"stage1": guide, "stage2": guide},
+               "tga_centred": {"stage1": {**guide, "tga_form": "contrastive", "tga_center": True},
+                               "stage2": {**guide, "tga_form": "contrastive", "tga_center": True}},
+               "unlearn": {"base": "llava", "unlearn": {"max_steps": 2}}}
+    plan = plan_file(str(folder), methods, seeds=(0, 1))
+    out = str(folder / "run")
+    assert main(["sweep", plan, "--out", out]) == 0
+    with open(os.path.join(out, "report.json"), encoding="utf-8") as handle:
+        return {"out": out, "plan": plan, "report": json.load(handle)}
+
+
+def answers(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def test_report_covers_every_method_seed_and_stage_with_rates_in_0_1(reduced_demo):
+    methods = reduced_demo["report"]["methods"]
+    assert list(methods) == ["llava", "tga", "tga_centred", "unlearn"]
+    for method in methods.values():
+        assert set(method["per_seed"]) == {"0", "1"}
+        for stages in method["per_seed"].values():
+            for stage in ("stage1", "stage2"):
+                for name in RATES:
+                    assert 0.0 <= stages[stage][name] <= 1.0, (stage, name)
+                assert len(stages[stage]["cosine"]) == 3  # embeddings + 2 layers of the tiny LLM
+        summary = method["summary"]["stage2"]["image_dsr"]
+        assert summary["n"] == 2 and summary["min"] <= summary["mean"] <= summary["max"]
+    out = reduced_demo["out"]
+    for name in ("report.md", "rates.png", "cosine.png", "specificity.png", "commands.sh"):
+        assert os.path.getsize(os.path.join(out, name)) > 0
+
+
+def test_numbers_are_recomputed_from_the_saved_answers(reduced_demo):
+    out, methods = reduced_demo["out"], reduced_demo["report"]["methods"]
+    for name in ("llava", "tga", "unlearn"):
+        folder = os.path.join(out, "seed1", name, "eval_stage2")
+        image = answers(os.path.join(folder, "image_dsr", "answers.jsonl"))
+        text = answers(os.path.join(folder, "text_refusal", "answers.jsonl"))
+        vqa = answers(os.path.join(folder, "benign_vqa", "vqa_answers.jsonl"))
+        got = methods[name]["per_seed"]["1"]["stage2"]
+        assert got["image_dsr"] == pytest.approx(sum(r["refusal"] for r in image) / len(image))
+        assert got["text_refusal"] == pytest.approx(sum(r["refusal"] for r in text) / len(text))
+        assert got["benign_vqa_accuracy"] == pytest.approx(sum(r["exact"] for r in vqa) / len(vqa))
+        assert all(r["image"] is not None for r in image) and len(text) > 0
+    # the unlearning method reports its base's stage 1, and its own stage-2 model differs from the base
+    assert methods["unlearn"]["per_seed"]["0"]["stage1"] == methods["llava"]["per_seed"]["0"]["stage1"]
+    assert os.path.exists(os.path.join(out, "seed0", "unlearn", "stage2", "unlearn_summary.json"))
+
+
+def test_phases_run_real_commands_and_are_reused(reduced_demo):
+    out = reduced_demo["out"]
+    script = open(os.path.join(out, "commands.sh"), encoding="utf-8").read()
+    for command in ("tga demo-assets", "tga retrieve", "tga analyze activation", "tga pretrain", "tga finetune",
+                    "tga unlearn", "tga evaluate dsr", "tga evaluate vqa", "tga analyze similarity"):
+        assert command in script
+    assert "--tga_center true" in script and "--tga_form contrastive" in script
+    # methods with equal stage-1 options share one stage-1 run: llava and unlearn -> one folder per seed
+    assert not os.path.exists(os.path.join(out, "seed0", "unlearn", "stage1"))
+    before = {name: record["seconds"] for name, record in reduced_demo["report"]["phases"].items()}
+    assert main(["sweep", reduced_demo["plan"], "--out", out, "--methods", "llava", "--seeds", "0"]) == 0
+    with open(os.path.join(out, "report.json"), encoding="utf-8") as handle:
+        again = json.load(handle)
+    assert all(record["cached"] for record in again["phases"].values())
+    assert set(again["phases"]) < set(before)
+    assert again["methods"]["llava"]["per_seed"]["0"] == reduced_demo["report"]["methods"]["llava"]["per_seed"]["0"]
+
+
+def test_same_seed_gives_the_same_numbers_in_a_fresh_folder(reduced_demo, tmp_path):
+    assert main(["sweep", reduced_demo["plan"], "--out", str(tmp_path / "again"), "--methods", "tga",
+                 "--seeds", "1"]) == 0
+    with open(tmp_path / "again" / "report.json", encoding="utf-8") as handle:
+        fresh = json.load(handle)["methods"]["tga"]["per_seed"]["1"]
+    assert fresh == reduced_demo["report"]["methods"]["tga"]["per_seed"]["1"]
+    first = answers(os.path.join(reduced_demo["out"], "seed1", "tga", "eval_stage2", "image_dsr", "answers.jsonl"))
+    second = answers(str(tmp_path / "again" / "seed1" / "tga" / "eval_stage2" / "image_dsr" / "answers.jsonl"))
+    assert [r["answer"] for r in first] == [r["answer"] for r in second]
+
+
+def test_plans_are_checked_before_anything_runs(tmp_path):
+    base = {"configs": {"stage1": "a", "stage2": "b", "unlearn": "c"}, "methods": {"llava": {}}}
+    assert parse_plan(base).seeds == (0,)
+    with pytest.raises(ConfigError, match="unknown keys"):
+        parse_plan({**base, "method": {}})
+    with pytest.raises(ConfigError, match=re.escape("methods.bad.base `nope`")):
+        parse_plan({**base, "methods": {"llava": {}, "bad": {"base": "nope", "unlearn": {}}}})
+    with pytest.raises(ConfigError, match="seeds repeat"):
+        parse_plan({**base, "seeds": [1, 1]})
+    with pytest.raises(ConfigError, match="configs.unlearn"):
+        parse_plan({**base, "configs": {"stage1": "a", "stage2": "b"}})
+    with pytest.raises(ConfigError, match="plan file not found"):
+        load_plan(str(tmp_path / "missing.yaml"))
+    assert main(["sweep", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_the_shipped_plans_parse():
+    plan = load_plan("configs/demo/demo.yaml")
+    assert len(plan.seeds) >= 3 and {m.name for m in plan.methods} >= {"llava", "tga", "unlearn"}
