@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export DS_BUILD_OPS ?= 0
 
-.PHONY: install test test-fast demo tiny lint format clean
+.PHONY: install test test-fast demo demo-seeds demo-tiny lint format clean
 
 install: $(STAMP)
 
@@ -25,9 +25,18 @@ test: install
 test-fast: install
 	$(BIN)/pytest -q -m "not distributed"
 
-# The built-in demo: the tiny CPU recipe end to end (both stages under DeepSpeed ZeRO-3 on 2 CPU ranks, with TGA),
-# then a generation from the trained model.
+# The built-in safety-transfer demo (docs/demo.md): the synthetic world, its tiny CLIP and text LLM, then every method
+# of configs/demo/demo.yaml (LLaVA baseline, TGA, contrastive alignment, textual unlearning) through both stages,
+# evaluated after each; report in runs/demo/report.md. `make demo` trains with seed 0; `make demo-seeds` with the
+# plan's three seeds (reusing seed 0). Finished phases are reused on a rerun.
 demo: install
+	$(BIN)/tga demo --out runs/demo --seeds 0
+
+demo-seeds: install
+	$(BIN)/tga demo --out runs/demo
+
+# The tiny CPU recipe end to end: both stages under DeepSpeed ZeRO-3 on 2 CPU ranks with TGA, then a generation.
+demo-tiny: install
 	$(BIN)/tga data make-tiny runs/tiny/assets
 	$(BIN)/deepspeed --num_gpus 2 scripts/pretrain.py configs/pretrain/tiny_cpu_tga.yaml --save_full_model true
 	$(BIN)/deepspeed --num_gpus 2 scripts/finetune.py configs/finetune/tiny_cpu_tga.yaml

@@ -88,7 +88,7 @@ def plot_rates(methods: dict, path: str) -> str:
     axes.set_ylim(0, 1.05)
     axes.set_ylabel("rate")
     axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    axes.set_title("safety and utility per method (mean ± std over seeds)")
+    axes.set_title("safety and utility per method (mean ± std over seeds)", fontsize=10)
     return _save(figure, path)
 
 
@@ -110,7 +110,7 @@ def plot_layers(methods: dict, field: str, ylabel: str, path: str) -> str | None
     axes.set_xlabel("hidden-state layer (0 = embeddings)")
     axes.set_ylabel(ylabel)
     axes.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    axes.set_title(f"{ylabel}, toxic test images vs their captions (mean over seeds)")
+    axes.set_title(f"{ylabel} per layer, toxic test images (seed mean)", fontsize=10)
     return _save(figure, path)
 
 
