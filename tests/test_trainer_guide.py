@@ -3,8 +3,10 @@ the vision tower; the caption pass and masks select the intended states."""
 
 import pytest
 import torch
+from transformers import TrainerState
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+from tga.align import pool_layers
 from tga.config import TrainingArguments
 from tga.data.collator import VLMCollator
 from tga.data.dataset import SampleBuilder
@@ -14,7 +16,7 @@ from tga.model.tokenizer import image_token_id, load_tokenizer
 from tga.model.vision import load_image_processor
 from tga.model.vlm import build_vlm
 from tga.train.stages import apply_stage, trainable_components
-from tga.align import pool_layers
+from tga.train.throughput import Throughput
 from tga.train.trainer import BATCH_EXTRAS, GuideSettings, TGATrainer
 
 
@@ -123,3 +125,25 @@ def test_frozen_target_never_changes_while_the_model_trains(setup, tiny_assets):
     assert torch.equal(target_before, target_after)  # the target is the stage-start model's, bitwise
     trainer.frozen_language_model = None  # the live target follows the trained model
     assert not torch.allclose(trainer.caption_states(model, batch, model.config.text_config.hidden_size), target_after)
+
+
+def test_throughput_and_eta_between_logs():
+    ticks = iter([10.0, 14.0, 20.0])
+    meter = Throughput(clock=lambda: next(ticks))
+    meter.on_train_begin(None, TrainerState(global_step=0, num_input_tokens_seen=0), None)
+    first = meter.measure(step=4, max_steps=10, samples_per_step=8, tokens_seen=400)  # 4 steps in 4 s
+    assert first == {"throughput/samples_per_second": 8.0, "throughput/seconds_per_step": 1.0,
+                     "throughput/eta_seconds": 6.0, "throughput/tokens_per_second": 100.0}
+    second = meter.measure(step=7, max_steps=10, samples_per_step=8, tokens_seen=700)  # 3 steps in 6 s
+    assert second["throughput/seconds_per_step"] == 2.0 and second["throughput/eta_seconds"] == 6.0
+
+
+def test_training_logs_carry_throughput(setup):
+    model, tokenizer, _, args = setup
+    trainer = TGATrainer(model=model, args=args, processing_class=tokenizer)
+    trainer.state.max_steps = 5
+    trainer.throughput.on_train_begin(args, trainer.state, None)
+    trainer.state.global_step = 2
+    trainer.log({"loss": 1.0})
+    logged = trainer.state.log_history[-1]
+    assert logged["throughput/samples_per_second"] > 0 and logged["throughput/eta_seconds"] >= 0

@@ -32,6 +32,7 @@ from tga.align import guide_loss, pool_layers
 from tga.align.centering import CaptionCenter
 from tga.data.sampler import ModalityLengthGroupedSampler
 from tga.train.running_means import RunningMeans
+from tga.train.throughput import Throughput
 
 BATCH_EXTRAS = ("image_mask", "retrieved_mask", "guide_index", "caption_input_ids", "caption_attention_mask",
                 "caption_mask")
@@ -56,6 +57,8 @@ class TGATrainer(Trainer):
         self.projector_lr = projector_lr
         self.always_run_all_modules = always_run_all_modules
         self.running = RunningMeans()
+        self.throughput = Throughput()
+        self.add_callback(self.throughput)
         self.center: CaptionCenter | None = None
         self.frozen_language_model = None
         if guide is not None and guide.target == "frozen":
@@ -201,4 +204,7 @@ class TGATrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
             logs.update(self.running.drain())
+            samples_per_step = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+            logs.update(self.throughput.measure(self.state.global_step, self.state.max_steps, samples_per_step,
+                                                getattr(self.state, "num_input_tokens_seen", None)))
         super().log(logs, start_time)
