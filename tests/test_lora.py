@@ -359,3 +359,21 @@ def test_zero3_two_ranks_lora_tga_run_merges_and_exports(setup, tiny_assets, tmp
     checkpoint = sorted(glob.glob(os.path.join(out, "checkpoint-*")))[-1]
     from_shards = model_from_deepspeed_checkpoint(checkpoint)
     assert torch.allclose(logits(from_shards, setup["batch"]), logits(final, setup["batch"]), atol=1e-5)
+
+
+@pytest.mark.distributed
+def test_zero2_two_ranks_lora_tga_run_merges(tiny_assets, tmp_path):
+    out = launch("finetune.py", "configs/finetune/tiny_cpu_tga.yaml", str(tmp_path / "zero2"), tiny_assets,
+                 "--data_path", tiny_assets["stage2"], "--pretrain_mm_mlp_adapter", "", "--max_steps", "3",
+                 "--per_device_train_batch_size", "2", "--lora_enable", "true", "--lora_r", "8",
+                 "--learning_rate", "1e-3", "--tga_layers", "1-3", "--deepspeed", "deepspeed_configs/zero2.json")
+    weights = load_file(os.path.join(out, "model.safetensors"))
+    assert not any("lora" in key or "base_layer" in key for key in weights)
+    source_llm = load_file(os.path.join(tiny_assets["llm"], "model.safetensors"))
+    changed = {k for k, v in split(weights)["llm"].items()
+               if not torch.equal(v[: source_llm[k.removeprefix("language_model.")].shape[0]],
+                                  source_llm[k.removeprefix("language_model.")])}
+    assert changed and all(k.rsplit(".", 2)[-2] in TARGETS for k in changed)
+    LlavaForConditionalGeneration.from_pretrained(out)  # plain transformers loads the merged folder
+    with open(os.path.join(out, "trainer_state.json"), encoding="utf-8") as handle:
+        assert any("tga/cos_ic/L1" in entry for entry in json.load(handle)["log_history"])
