@@ -132,3 +132,6 @@ def test_plans_are_checked_before_anything_runs(tmp_path):
 def test_the_shipped_plans_parse():
     plan = load_plan("configs/demo/demo.yaml")
     assert len(plan.seeds) >= 3 and {m.name for m in plan.methods} >= {"llava", "tga", "unlearn"}
+    study = load_plan("configs/demo/study.yaml")
+    assert len(study.seeds) >= 3 and study.method("tga_paper_frozen").stage2["tga_target"] == "frozen"
+    assert study.method("tga_paper").stage1 == study.method("tga_paper_frozen").stage1  # one shared stage-1 run
