@@ -126,6 +126,11 @@ def _markdown(plan: Plan, methods: dict, context: dict) -> str:
              "|---|" + "---:|" * len(TABLE)]
     for name, method in methods.items():
         lines.append(f"| {name} | " + " | ".join(_cell(method["summary"][stage][key]) for _, stage, key in TABLE) + " |")
+    seconds = context.get("method_seconds", {})
+    if seconds:
+        lines += ["", "Wall time per method and seed (its own training and evaluation phases; shared phases "
+                  "counted once, under the method that ran them): "
+                  + ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items()) + "."]
     lines += ["", "![rates](rates.png)", "", "![cosine](cosine.png)", "", "![specificity](specificity.png)", ""]
     activation = context.get("activation")
     if activation:
@@ -171,6 +176,9 @@ def write_report(plan: Plan, out: str, run: dict) -> dict:
                "llm_metrics": assets.get("llm_metrics", {}), "seconds": run["seconds"],
                "activation": activation and {k: activation.get(k) for k in ("mean_activation_layer", "num_layers",
                                                                             "activated_fraction")}}
+    context["method_seconds"] = {
+        method.name: sum(record["seconds"] for name, record in run["phases"].items()
+                         if name.split("/")[1:2] == [method.name]) / len(plan.seeds) for method in plan.methods}
     report = {"plan": plan.source, "seeds": list(plan.seeds), "methods": methods, "context": context,
               "phases": {name: {k: record[k] for k in ("seconds", "cached", "commands")}
                          for name, record in run["phases"].items()}}
