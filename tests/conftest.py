@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,10 +19,36 @@ os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="tga-tests-da
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def _launch_stage(script, config, output_dir, assets, *flags):
+    """`deepspeed --num_gpus 2` on CPU (gloo) of scripts/<script> with the tiny assets, ZeRO-3 unless a later
+    `--deepspeed` flag says otherwise; fails the test with the run's output tail."""
+    from tga.train.distributed import free_port
+
+    command = [
+        os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+        os.path.join(REPO, "scripts", script), os.path.join(REPO, config),
+        "--model_name_or_path", assets["llm"], "--vision_tower", assets["vision"], "--image_folder", assets["image_folder"],
+        "--output_dir", output_dir, "--deepspeed", os.path.join(REPO, "deepspeed_configs/zero3_fp32.json"),
+        "--logging_steps", "1", *flags,
+    ]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return output_dir
+
+
+@pytest.fixture(scope="session")
+def launch_stage():
+    """A training stage on 2 CPU ranks under DeepSpeed: launch_stage(script, config, output_dir, assets, *flags)."""
+    return _launch_stage
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,6 @@ Runs are launched once per module (about 30 s each) and the tests read their out
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,29 +18,14 @@ from tga.data.templates import get_template
 from tga.model.tokenizer import image_token_id, load_tokenizer
 from tga.model.vision import load_image_processor
 from tga.model.vlm import load_vlm
-from tga.train.distributed import free_port
 
 pytestmark = pytest.mark.distributed
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = [1, 2, 3]
 
 
-def launch(script, config, output_dir, assets, *flags):
-    command = [
-        os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-        os.path.join(REPO, "scripts", script), os.path.join(REPO, config),
-        "--model_name_or_path", assets["llm"], "--vision_tower", assets["vision"], "--image_folder", assets["image_folder"],
-        "--output_dir", output_dir, "--deepspeed", os.path.join(REPO, "deepspeed_configs/zero3_fp32.json"),
-        "--logging_steps", "1", *flags,
-    ]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return output_dir
-
 
 @pytest.fixture(scope="module")
-def runs(tiny_assets, tmp_path_factory):
+def runs(tiny_assets, tmp_path_factory, launch_stage):
     root = tmp_path_factory.mktemp("runs")
     # A known starting projector, so the test can tell that stage 1 changed it.
     from tga.model.vlm import build_vlm
@@ -53,17 +36,17 @@ def runs(tiny_assets, tmp_path_factory):
     save_file({k: v.contiguous() for k, v in initial.model.multi_modal_projector.state_dict().items()}, projector0)
     common = ["--num_train_epochs", "4"]
     out = {"projector0": projector0}
-    out["stage1"] = launch("pretrain.py", "configs/pretrain/tiny_cpu.yaml", str(root / "s1"), tiny_assets,
+    out["stage1"] = launch_stage("pretrain.py", "configs/pretrain/tiny_cpu.yaml", str(root / "s1"), tiny_assets,
                            "--data_path", tiny_assets["stage1"], "--pretrain_mm_mlp_adapter", projector0,
                            "--save_full_model", "true", *common)
-    out["stage1_tga"] = launch("pretrain.py", "configs/pretrain/tiny_cpu_tga.yaml", str(root / "s1_tga"), tiny_assets,
+    out["stage1_tga"] = launch_stage("pretrain.py", "configs/pretrain/tiny_cpu_tga.yaml", str(root / "s1_tga"), tiny_assets,
                                "--data_path", tiny_assets["stage1"], "--pretrain_mm_mlp_adapter", projector0,
                                "--save_full_model", "true", "--tga_layers", "1-3", *common)
     for name, config, previous in (("stage2", "configs/finetune/tiny_cpu.yaml", "stage1"),
                                    ("stage2_tga", "configs/finetune/tiny_cpu_tga.yaml", "stage1_tga")):
         projector = os.path.join(out[previous], "mm_projector.safetensors")
         checkpoints = ["--save_strategy", "steps", "--save_steps", "16"] if name == "stage2" else []
-        out[name] = launch("finetune.py", config, str(root / name), tiny_assets, "--data_path", tiny_assets["stage2"],
+        out[name] = launch_stage("finetune.py", config, str(root / name), tiny_assets, "--data_path", tiny_assets["stage2"],
                            "--pretrain_mm_mlp_adapter", projector, *common, *checkpoints)
     return out
 

@@ -10,8 +10,6 @@ import glob
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -31,7 +29,6 @@ from tga.model.vision import load_image_processor
 from tga.model.vlm import build_vlm, load_vlm
 from tga.tiny import mistral_tokenizer_file
 from tga.train.checkpoint import save_model_folder
-from tga.train.distributed import free_port
 from tga.train.run import run_stage
 from tga.train.stages import apply_lora_stage, apply_stage, trainable_components
 from tga.train.trainer import BATCH_EXTRAS, GuideSettings, TGATrainer
@@ -317,25 +314,11 @@ def test_llama_based_vlm_exports_and_round_trips(tiny_assets, setup, tmp_path, l
 
 # ---- 2 CPU ranks, ZeRO-3, LoRA + TGA ----
 
-def launch(script, config, output_dir, assets, *flags):
-    """`deepspeed --num_gpus 2` on CPU (gloo), as in tests/test_distributed.py."""
-    command = [
-        os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-        os.path.join(REPO, "scripts", script), os.path.join(REPO, config),
-        "--model_name_or_path", assets["llm"], "--vision_tower", assets["vision"], "--image_folder", assets["image_folder"],
-        "--output_dir", output_dir, "--deepspeed", os.path.join(REPO, "deepspeed_configs/zero3_fp32.json"),
-        "--logging_steps", "1", *flags,
-    ]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return output_dir
-
 
 @pytest.mark.distributed
-def test_zero3_two_ranks_lora_tga_run_merges_and_exports(setup, tiny_assets, tmp_path):
+def test_zero3_two_ranks_lora_tga_run_merges_and_exports(setup, tiny_assets, tmp_path, launch_stage):
     # From the LLM + vision tower, as tests/test_distributed.py does (stage 2 with a fresh projector).
-    out = launch("finetune.py", "configs/finetune/tiny_cpu_tga.yaml", str(tmp_path / "zero3"), tiny_assets,
+    out = launch_stage("finetune.py", "configs/finetune/tiny_cpu_tga.yaml", str(tmp_path / "zero3"), tiny_assets,
                  "--data_path", tiny_assets["stage2"], "--pretrain_mm_mlp_adapter", "", "--max_steps", "4",
                  "--per_device_train_batch_size", "2", "--lora_enable", "true", "--lora_r", "8",
                  "--learning_rate", "1e-3", "--tga_layers", "1-3", "--save_strategy", "steps", "--save_steps", "4")
@@ -362,8 +345,8 @@ def test_zero3_two_ranks_lora_tga_run_merges_and_exports(setup, tiny_assets, tmp
 
 
 @pytest.mark.distributed
-def test_zero2_two_ranks_lora_tga_run_merges(tiny_assets, tmp_path):
-    out = launch("finetune.py", "configs/finetune/tiny_cpu_tga.yaml", str(tmp_path / "zero2"), tiny_assets,
+def test_zero2_two_ranks_lora_tga_run_merges(tiny_assets, tmp_path, launch_stage):
+    out = launch_stage("finetune.py", "configs/finetune/tiny_cpu_tga.yaml", str(tmp_path / "zero2"), tiny_assets,
                  "--data_path", tiny_assets["stage2"], "--pretrain_mm_mlp_adapter", "", "--max_steps", "3",
                  "--per_device_train_batch_size", "2", "--lora_enable", "true", "--lora_r", "8",
                  "--learning_rate", "1e-3", "--tga_layers", "1-3", "--deepspeed", "deepspeed_configs/zero2.json")
