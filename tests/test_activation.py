@@ -243,3 +243,29 @@ def test_activation_json_feeds_tga_layers_auto(tmp_path):
     activation_layer = load_activation_layer(json_path)
     assert activation_layer == 5
     assert parse_layer_spec("auto", 6, activation_layer)[-1] == 5
+
+
+def test_template_option_asks_a_plain_llm_in_its_chat_format(tmp_path, monkeypatch):
+    """A plain LLM folder without a chat template would see raw text and continue it; --template formats the prompts
+    as user turns of the named conversation template."""
+    from tga.safety import analysis
+    from tga.safety.states import format_user_turns
+
+    model_dir = tmp_path / "model"
+    constructed_model({3: {0: 10.0}}).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    data = tmp_path / "toxic.txt"
+    data.write_text("\n".join(TEXTS) + "\n")
+    seen = []
+    real = analysis.last_token_states
+
+    def spy(model, tokenizer, texts, **kwargs):
+        seen.append(format_user_turns(tokenizer, texts)[0])
+        return real(model, tokenizer, texts, **kwargs)
+
+    monkeypatch.setattr(analysis, "last_token_states", spy)
+    analysis.run_activation(str(model_dir), str(data), str(tmp_path / "raw"), refusal_phrases=["Sorry"])
+    analysis.run_activation(str(model_dir), str(data), str(tmp_path / "chat"), refusal_phrases=["Sorry"],
+                            template="mistral_instruct")
+    assert seen[0] == list(TEXTS)
+    assert all(p.endswith(f"{t} [/INST]") and "[INST]" in p for p, t in zip(seen[1], TEXTS))

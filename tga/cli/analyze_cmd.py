@@ -34,6 +34,7 @@ def _activation(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         dtype=args.dtype,
+        template=args.template,
     )
     layer = "none" if result.mean_activation_layer is None else f"{result.mean_activation_layer:.2f}"
     print(
@@ -82,6 +83,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         nargs="+",
         default=list(DEFAULT_REFUSAL_PHRASES),
         help="phrases whose first tokens count as refusal tokens",
+    )
+    activation.add_argument(
+        "--template", default=None, help="conversation template the prompts are asked in (default: the model's own)"
     )
     _add_runtime(activation)
     activation.set_defaults(func=_activation)

@@ -17,9 +17,17 @@ import torch
 from tqdm import tqdm
 from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerBase
 
+from tga.data.chat_templates import chat_template
 from tga.data.tokenize import IGNORE_INDEX
 from tga.demo import tasks
-from tga.demo.text_corpus import build_tokenizer, chat_prompt, encode_document, sample_documents, tokenizer_corpus
+from tga.demo.text_corpus import (
+    TEMPLATE,
+    build_tokenizer,
+    chat_prompt,
+    encode_document,
+    sample_documents,
+    tokenizer_corpus,
+)
 from tga.demo.training import cosine_schedule, deterministic, timed
 from tga.demo.world import Scene, canonical_caption
 from tga.errors import ConfigError
@@ -174,6 +182,8 @@ def train_text_llm(train_scenes: list[Scene], test_scenes: list[Scene], out_dir:
         metrics = evaluate_text(model, tokenizer, test_scenes, per_group=spec.eval_per_group, seed=seed)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.save_pretrained(out_dir)
+        # the chat format the model was trained in, so plain `apply_chat_template` asks it the way it answers
+        tokenizer.chat_template = chat_template(TEMPLATE)
         tokenizer.save_pretrained(out_dir)
         metrics.update(final_loss=float(np.mean(losses[-20:])), train_seconds=round(train_seconds, 1),
                        parameters=sum(p.numel() for p in model.parameters()), vocab=len(tokenizer), spec=asdict(spec),

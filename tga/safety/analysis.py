@@ -12,6 +12,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from tga.data.chat_templates import chat_template
 from tga.errors import ConfigError, DataError
 from tga.image_io import open_image, resolve_image_path
 from tga.records_io import load_records, record_label
@@ -39,6 +40,7 @@ def run_activation(
     batch_size: int = 8,
     device: str = "cpu",
     dtype: str | None = None,
+    template: str | None = None,
 ) -> ActivationResult:
     """Activation-layer analysis of a checkpoint on toxic text prompts; writes activation.json/.png.
 
@@ -52,17 +54,21 @@ def run_activation(
         batch_size: prompts per forward pass.
         device: torch device.
         dtype: model dtype name or None.
+        template: conversation template the prompts are asked in, instead of the checkpoint's own (a plain LLM
+            folder without a chat template needs one: its raw text would be continued, not answered).
 
     Returns:
         The analysis result.
     """
     texts = read_texts(data_path)
     if is_vlm_dir(model_dir):
-        chat = load_chat(model_dir, device=device, dtype=dtype)
+        chat = load_chat(model_dir, device=device, dtype=dtype, template=template)
         model, tokenizer = chat.model, chat.tokenizer
         states = chat_last_token_states(chat, texts, batch_size=batch_size)
     else:
         model, tokenizer = load_causal_lm(model_dir, device=device, dtype=dtype)
+        if template is not None:
+            tokenizer.chat_template = chat_template(template)
         states = last_token_states(model, tokenizer, texts, batch_size=batch_size)
     ids = refusal_token_ids(tokenizer, refusal_phrases)
     result = analyze_activation(
