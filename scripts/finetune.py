@@ -19,4 +19,4 @@ if __name__ == "__main__":
         run_stage("finetune", sys.argv[1:])
     except TGAError as error:
         print(f"finetune: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(error, "exit_code", 2))

@@ -16,3 +16,13 @@ class ConfigError(TGAError):
 
 class DataError(TGAError):
     """A data record or file is invalid (message names the record id and/or the file)."""
+
+
+class TrainingStopped(TGAError):
+    """Training stopped on a signal after saving a complete checkpoint (the run did not finish).
+
+    Exits with 143, the status of a process ended by SIGTERM, so a scheduler, a shell `&&` or the demo pipeline does
+    not mistake the stop for a finished run.
+    """
+
+    exit_code = 143

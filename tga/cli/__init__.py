@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         result = args.func(args)
     except TGAError as error:
         print(f"tga {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return getattr(error, "exit_code", 2)
     return int(result or 0)
 
 

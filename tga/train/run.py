@@ -23,7 +23,7 @@ from tga.data.collator import VLMCollator
 from tga.data.dataset import SampleBuilder
 from tga.data.guard import BadRecordLog, GuardedDataset
 from tga.data.templates import get_template
-from tga.errors import ConfigError
+from tga.errors import ConfigError, TrainingStopped
 from tga.model.lora import add_lora, save_lora_model_folder
 from tga.model.tokenizer import image_token_id, load_tokenizer
 from tga.model.vision import load_image_processor
@@ -160,9 +160,9 @@ def run_stage(stage: str, argv: list[str]) -> str:
             raise
         raise failure from error
     if guards.stop.stopped:  # SIGTERM: a complete checkpoint is saved; a rerun with --resume_from_checkpoint auto continues
-        logger.warning("stage %s stopped by a signal at step %d; checkpoint saved in %s", stage,
-                       trainer.state.global_step, training_args.output_dir)
-        return training_args.output_dir
+        raise TrainingStopped(f"stage {stage} stopped by a signal at step {trainer.state.global_step}; a complete "
+                              f"checkpoint is in {training_args.output_dir}: rerun with --resume_from_checkpoint auto "
+                              "to continue")
     projector_only = stage == "pretrain" and "llm" not in components
     if projector_only:
         save_projector(model, training_args.output_dir)
