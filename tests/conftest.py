@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import subprocess
@@ -32,8 +33,9 @@ def _launch_stage(script, config, output_dir, assets, *flags):
     `--deepspeed` flag says otherwise; fails the test with the run's output tail."""
     from tga.train.distributed import free_port
 
+    port = free_port()
     command = [
-        os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+        os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
         os.path.join(REPO, "scripts", script), os.path.join(REPO, config),
         "--model_name_or_path", assets["llm"], "--vision_tower", assets["vision"], "--image_folder", assets["image_folder"],
         "--output_dir", output_dir, "--deepspeed", os.path.join(REPO, "deepspeed_configs/zero3_fp32.json"),
@@ -42,6 +44,8 @@ def _launch_stage(script, config, output_dir, assets, *flags):
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # the ranks' shared-memory all-reduce buffers are gone (tga.train.distributed.release_cpu_comm_buffer)
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
     return output_dir
 
 
