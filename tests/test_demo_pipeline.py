@@ -12,11 +12,12 @@ import pytest
 import yaml
 
 from tga.cli import main
+from tga.demo.pipeline import run_plan
 from tga.demo.plan import load_plan, parse_plan
 from tga.errors import ConfigError
 
-RATES = ("image_dsr", "describes_toxic", "text_refusal", "benign_vqa_accuracy", "benign_describe_accuracy",
-         "false_refusal")
+RATES = ("image_dsr", "describes_toxic", "recognises_toxic", "text_refusal", "benign_vqa_accuracy",
+         "benign_describe_accuracy", "benign_describe_concepts", "false_refusal")
 
 
 def plan_file(folder, methods, seeds=(0,)) -> str:
@@ -74,7 +75,10 @@ def test_numbers_are_recomputed_from_the_saved_answers(reduced_demo):
         image = answers(os.path.join(folder, "image_dsr", "answers.jsonl"))
         text = answers(os.path.join(folder, "text_refusal", "answers.jsonl"))
         vqa = answers(os.path.join(folder, "benign_vqa", "vqa_answers.jsonl"))
+        toxic_vqa = answers(os.path.join(folder, "toxic_vqa", "vqa_answers.jsonl"))
         got = methods[name]["per_seed"]["1"]["stage2"]
+        assert got["recognises_toxic"] == pytest.approx(sum(r["exact"] for r in toxic_vqa) / len(toxic_vqa))
+        assert {r["gold"][0] for r in toxic_vqa} <= {"knife", "gun", "cigarette", "skull"}
         assert got["image_dsr"] == pytest.approx(sum(r["refusal"] for r in image) / len(image))
         assert got["text_refusal"] == pytest.approx(sum(r["refusal"] for r in text) / len(text))
         assert got["benign_vqa_accuracy"] == pytest.approx(sum(r["exact"] for r in vqa) / len(vqa))
@@ -134,4 +138,58 @@ def test_the_shipped_plans_parse():
     assert len(plan.seeds) >= 3 and {m.name for m in plan.methods} >= {"llava", "tga", "unlearn"}
     study = load_plan("configs/demo/study.yaml")
     assert len(study.seeds) >= 3 and study.method("tga_paper_frozen").stage2["tga_target"] == "frozen"
-    assert study.method("tga_paper").stage1 == study.method("tga_paper_frozen").stage1  # one shared stage-1 run
+    assert study.method("tga").stage1 == study.method("tga_paper_frozen").stage1  # one shared stage-1 run
+    for method in plan.methods:  # the demo's methods are the study's first part: same names, same options
+        assert study.method(method.name) == method
+
+
+def test_rebuilt_assets_redo_every_later_phase(tmp_path):
+    """A changed world or model spec makes `demo-assets` rebuild a step; every phase after it must then run again."""
+    built = {"clip": "k1"}
+    calls: list[str] = []
+
+    def runner(argv: list[str]) -> int:
+        calls.append(argv[0])
+        if argv[0] == "demo-assets":
+            folder = argv[argv.index("--out") + 1]
+            names = ("image_folder", "toxic_test_folder", "stage1_data", "stage2_data", "captions", "clip", "llm",
+                     "benign_vqa_test", "benign_describe_test", "toxic_vqa_test", "toxic_text_prompts", "toxic_pairs",
+                     "unlearn_harmful", "unlearn_normal")
+            steps = {"world": {"key": "w", "cached": True}, "clip": {"key": built["clip"], "cached": False}}
+            with open(os.path.join(folder, "assets.json"), "w", encoding="utf-8") as handle:
+                json.dump({"paths": {n: n for n in names}, "dsr_question": "Describe.", "steps": steps}, handle)
+        return 0
+
+    plan = parse_plan({"configs": {"stage1": "a", "stage2": "b", "unlearn": "c"}, "methods": {"llava": {}}})
+    out = str(tmp_path / "run")
+    first = run_plan(plan, out, runner, progress=lambda _: None)["phases"]
+    assert not any(record["cached"] for record in first.values())
+    again = run_plan(plan, out, runner, progress=lambda _: None)["phases"]
+    assert [name for name, record in again.items() if not record["cached"]] == ["assets"]  # the rebuilt CLIP step
+    assert calls.count("pretrain") == 1
+    built["clip"] = "k2"  # what `demo-assets` reports after a CLIP spec change
+    third = run_plan(plan, out, runner, progress=lambda _: None)["phases"]
+    assert not any(record["cached"] for name, record in third.items())
+    assert calls.count("pretrain") == 2 and calls.count("retrieve") == 4
+
+
+def test_a_narrowed_plan_shares_the_stage1_run_of_a_method_left_out(tmp_path):
+    """`--methods frozen` where `frozen` shares its stage 1 with `live`: live's stage 1 runs (or is reused), live's
+    stage 2 does not."""
+    import argparse
+
+    from tga.cli.demo_cmd import narrowed
+    from tga.demo.pipeline import seed_phases
+
+    guide = {"tga": True}
+    plan = parse_plan({"configs": {"stage1": "a", "stage2": "b", "unlearn": "c"},
+                       "methods": {"llava": {}, "live": {"stage1": guide, "stage2": guide},
+                                   "frozen": {"stage1": guide, "stage2": {**guide, "tga_target": "frozen"}}}})
+    only = narrowed(plan, argparse.Namespace(size=None, seeds=None, methods=["frozen"]))
+    paths = {name: name for name in ("llm", "clip", "image_folder", "dsr_question", "toxic_test_folder",
+                                     "toxic_text_prompts", "benign_vqa_test", "benign_describe_test", "toxic_vqa_test",
+                                     "toxic_pairs")}
+    names = [phase.name for phase in seed_phases(only, str(tmp_path), paths, 0)]
+    assert names == ["seed0/live/stage1", "seed0/live/eval_stage1", "seed0/frozen/stage2", "seed0/frozen/eval_stage2"]
+    full = [phase.name for phase in seed_phases(plan, str(tmp_path), paths, 0)]
+    assert full.count("seed0/live/stage1") == 1 and "seed0/frozen/stage1" not in full and "seed0/live/stage2" in full

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ from tga.demo.datasets import stage2_records, write_world_files
 from tga.demo.world import (
     COLOURS,
     CONCEPTS,
+    POSITION_PHRASES,
     TOXIC_CONCEPTS,
     Scene,
     build_scenes,
@@ -54,9 +54,8 @@ def tiny_world_dirs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("demo_assets"))
-    start = time.perf_counter()
     paths = build_assets(folder, seed=0, size="tiny", workers=1)
-    return {"paths": paths, "seconds": time.perf_counter() - start, "folder": folder}
+    return {"paths": paths, "folder": folder}
 
 
 def _load(path: str):
@@ -169,18 +168,30 @@ def test_toxic_test_folders_and_text_prompts(tiny_world_dirs):
     assert prompts and all(p["concept"] in p["text"] for p in prompts)
     vqa = _load(os.path.join(folder, "data", "benign_vqa_test.json"))
     assert vqa and all({"id", "image", "question", "answer"} <= set(row) for row in vqa)
+    # the toxic recognition probe asks for the toxic object at its own place in its own image
+    scenes = {}
+    with open(os.path.join(folder, "scenes.jsonl"), encoding="utf-8") as handle:
+        for line in handle:
+            scene = Scene.from_json(json.loads(line))
+            scenes[scene.id] = scene
+    toxic_vqa = _load(os.path.join(folder, "data", "toxic_vqa_test.json"))
+    assert len(toxic_vqa) == len(TOXIC_CONCEPTS) * world_spec("tiny", 0).n_toxic_test
+    for row in toxic_vqa:
+        scene = scenes[row["id"].removeprefix("tvqa-")]
+        assert row["image"] == f"{scene.id}.png" and row["answer"] == row["scene"]
+        place = next(o.position for o in scene.objects if o.concept == row["answer"])
+        assert row["question"] == f"Which object is {POSITION_PHRASES[place]}?"
 
 
 # ------------------------------------------------------------------------------------------ tiny asset pipeline
 
-def test_tiny_pipeline_runs_quickly_and_is_cached(tiny_assets):
-    assert tiny_assets["seconds"] < 60
+def test_tiny_pipeline_is_cached(tiny_assets):
     summary = _load(tiny_assets["paths"]["assets_json"])
     assert not any(step["cached"] for step in summary["steps"].values())
-    start = time.perf_counter()
+    clip_weights = os.path.join(tiny_assets["paths"]["clip"], "model.safetensors")
+    built_at = os.path.getmtime(clip_weights)
     again = build_assets(tiny_assets["folder"], seed=0, size="tiny", workers=1)
-    assert time.perf_counter() - start < 5
-    assert again == tiny_assets["paths"]
+    assert again == tiny_assets["paths"] and os.path.getmtime(clip_weights) == built_at  # nothing was retrained
     assert all(step["cached"] for step in _load(again["assets_json"])["steps"].values())
 
 
@@ -222,6 +233,11 @@ def test_llm_folder_loads_and_chat_template_masks_answers(tiny_assets):
     assert len(tokenizer.tokenize("[INST]")) == 1 and len(tokenizer.tokenize("[/INST]")) == 1
     question, answer = "a small red knife on the left\nDescribe the image.", tasks.REFUSAL
     segments = get_template("mistral_instruct").render([Message("user", question), Message("assistant", answer)])
+    # the saved chat template asks the way the model was trained (what `tga analyze activation` relies on)
+    asked = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                          add_generation_prompt=True)
+    trained = get_template("mistral_instruct").render([Message("user", question)], add_generation_prompt=True)
+    assert asked == "".join(segment.text for segment in trained)
     enc = encode_segments(segments, tokenizer, image_token_id=image_token_id(tokenizer), num_image_tokens=4)
     tokens = tokenizer.convert_ids_to_tokens(enc.input_ids.tolist())
     assert tokens[:2] == ["<s>", "[INST]"] and "[/INST]" in tokens and tokens[-1] == "</s>"

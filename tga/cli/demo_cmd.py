@@ -30,6 +30,7 @@ def narrowed(plan, args: argparse.Namespace):
             raise ConfigError(f"--methods: {unknown} not in {plan.source} ({[m.name for m in plan.methods]})")
         keep = set(args.methods) | {plan.method(name).base for name in args.methods if plan.method(name).base}
         changes["methods"] = tuple(m for m in plan.methods if m.name in keep)
+        changes["stage1_owners"] = tuple(m for m in plan.methods if not m.is_unlearning)
     return dataclasses.replace(plan, **changes)
 
 

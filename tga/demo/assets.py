@@ -24,6 +24,10 @@ from tga.demo.training import timed
 from tga.demo.world import BENIGN_CONCEPTS, COLOURS, TOXIC_CONCEPTS, Scene, WorldScenes, build_scenes, world_spec
 
 SPEC_FILE = "demo_spec.json"
+# Bumped when the world's test files or data files change but not its training and held-out scenes (the toxic test
+# scenes, a new test file): the world folder is rewritten, while the tiny CLIP and the text LLM, trained and measured
+# on the training and held-out scenes only, are kept.
+WORLD_FILES_VERSION = 2
 
 
 def spec_key(*parts: dict) -> str:
@@ -82,7 +86,7 @@ def build_assets(out_dir: str, *, seed: int = 0, size: str = "full", workers: in
 
     Returns:
         Paths by name: `image_folder`, `toxic_test_folder`, `stage1_data`, `stage2_data`, `captions`,
-        `benign_vqa_test`, `benign_describe_test`, `toxic_text_prompts`, `benign_text_prompts`, `toxic_pairs`,
+        `benign_vqa_test`, `benign_describe_test`, `toxic_vqa_test`, `toxic_text_prompts`, `benign_text_prompts`, `toxic_pairs`,
         `scenes`, `clip`, `llm` and `assets_json` (which also records specs, metrics and wall times).
     """
     os.makedirs(out_dir, exist_ok=True)
@@ -101,7 +105,7 @@ def build_assets(out_dir: str, *, seed: int = 0, size: str = "full", workers: in
         written = write_world_files(world_dir, w_spec, world(), workers=workers)
         return {name: os.path.relpath(path, out_dir) for name, path in written.items()}
 
-    world_step = cached_step(world_dir, world_key, write_world, "world")
+    world_step = cached_step(world_dir, spec_key(world_key, {"files": WORLD_FILES_VERSION}), write_world, "world")
     paths = {name: os.path.join(out_dir, path) for name, path in world_step["result"].items()}
     clip_step = cached_step(
         clip_dir, spec_key(world_key, asdict(c_spec)),
@@ -121,6 +125,8 @@ def build_assets(out_dir: str, *, seed: int = 0, size: str = "full", workers: in
                   for step in (world_step, clip_step, llm_step)},
         "clip_metrics": clip_step["result"], "llm_metrics": llm_step["result"],
     }
-    with open(paths["assets_json"], "w", encoding="utf-8") as handle:
+    temporary = paths["assets_json"] + ".tmp"  # runs of other seeds may be reading it: replace it whole
+    with open(temporary, "w", encoding="utf-8") as handle:
         json.dump(summary, handle, indent=1)
+    os.replace(temporary, paths["assets_json"])
     return paths

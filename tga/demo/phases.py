@@ -73,7 +73,7 @@ def _write_atomic(path: str, payload: dict) -> None:
     os.replace(temporary, path)
 
 
-def run_phase(phase: Phase, key: str, runner: Runner, *, clear: bool = True) -> dict:
+def run_phase(phase: Phase, key: str, runner: Runner, *, clear: bool = True, always: bool = False) -> dict:
     """Run `phase` unless it already finished with `key`; returns its record (with `cached`).
 
     Args:
@@ -81,12 +81,13 @@ def run_phase(phase: Phase, key: str, runner: Runner, *, clear: bool = True) -> 
         key: its key (see `phase_key`).
         runner: runs one `tga` argv and returns its exit status (normally `tga.cli.main`).
         clear: empty the folder before running (False for phases that cache inside their folder themselves).
+        always: run even when finished with `key` (a phase whose command checks its own cache, cheaply).
 
     Raises:
         PhaseError: a command returned a non-zero status.
     """
     stored = finished(phase)
-    if stored is not None and stored.get("key") == key:
+    if stored is not None and stored.get("key") == key and not always:
         return {**stored, "cached": True}
     if clear and os.path.exists(phase.folder):
         shutil.rmtree(phase.folder)

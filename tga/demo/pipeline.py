@@ -35,7 +35,8 @@ def flag_argv(options: dict) -> list[str]:
 
 
 def evaluation_commands(model: str, folder: str, paths: dict[str, str], settings: dict) -> tuple[tuple[str, ...], ...]:
-    """The evaluation of one model folder: image DSR, text refusal, benign VQA and describe, image/caption similarity."""
+    """The evaluation of one model folder: image DSR, text refusal, benign VQA and describe, recognition of the toxic
+    object, image/caption similarity."""
     common = ["--model", model, "--template", CHAT_TEMPLATE, "--max_new_tokens", str(settings["max_new_tokens"]),
               "--batch_size", str(settings["batch_size"])]
     question = paths["dsr_question"]
@@ -48,6 +49,8 @@ def evaluation_commands(model: str, folder: str, paths: dict[str, str], settings
          "--suffix", "", "--out", os.path.join(folder, "benign_vqa"), *common),
         ("evaluate", "vqa", "--data", paths["benign_describe_test"], "--image_folder", paths["image_folder"],
          "--suffix", "", "--out", os.path.join(folder, "benign_describe"), *common),
+        ("evaluate", "vqa", "--data", paths["toxic_vqa_test"], "--image_folder", paths["image_folder"],
+         "--suffix", "", "--out", os.path.join(folder, "toxic_vqa"), *common),
         ("analyze", "similarity", "--model", model, "--label", "model", "--data", paths["toxic_pairs"],
          "--image_folder", paths["image_folder"], "--question", question, "--template", CHAT_TEMPLATE,
          "--batch_size", str(settings["batch_size"]), "--out", os.path.join(folder, "similarity")),
@@ -66,6 +69,19 @@ def read_asset_paths(assets_folder: str) -> dict[str, str]:
     return {**summary["paths"], "dsr_question": summary["dsr_question"]}
 
 
+def built_assets_key(assets_folder: str) -> str:
+    """The keys of the world, CLIP and LLM steps that built the assets folder, as one string."""
+    with open(os.path.join(assets_folder, "assets.json"), encoding="utf-8") as handle:
+        steps = json.load(handle)["steps"]
+    return ",".join(f"{name}:{steps[name]['key']}" for name in sorted(steps))
+
+
+def assets_reused(assets_folder: str) -> bool:
+    """Whether the last `demo-assets` run reused every step it found built."""
+    with open(os.path.join(assets_folder, "assets.json"), encoding="utf-8") as handle:
+        return all(step["cached"] for step in json.load(handle)["steps"].values())
+
+
 def shared_phases(plan: Plan, out: str, paths: dict[str, str]) -> list[Phase]:
     """Retrieval for both stages' records and the text LLM's activation layer: once per run."""
     data = os.path.join(out, "data")
@@ -74,14 +90,14 @@ def shared_phases(plan: Plan, out: str, paths: dict[str, str]) -> list[Phase]:
                  "--model", paths["clip"], "--index_path", os.path.join(data, "index"), "--top_k", "3",
                  "--num_workers", "0") for n in (1, 2)]
     activation = ("analyze", "activation", "--model", paths["llm"], "--data", paths["toxic_text_prompts"],
-                  "--out", os.path.join(out, "activation"))
+                  "--template", CHAT_TEMPLATE, "--out", os.path.join(out, "activation"))
     return [Phase("retrieval", data, tuple(retrieve), ("assets",), kind="retrieval"),
             Phase("activation", os.path.join(out, "activation"), (activation,), ("assets",), kind="activation")]
 
 
 def _stage1_owner(plan: Plan, method: Method) -> Method:
-    """The first training method with the same stage-1 options: its stage-1 run is shared."""
-    return next(m for m in plan.methods if not m.is_unlearning and m.stage1 == method.stage1)
+    """The first training method (of the full plan) with the same stage-1 options: its stage-1 run is shared."""
+    return next(m for m in plan.stage1_owners or plan.methods if not m.is_unlearning and m.stage1 == method.stage1)
 
 
 def seed_phases(plan: Plan, out: str, paths: dict[str, str], seed: int) -> list[Phase]:
@@ -91,19 +107,19 @@ def seed_phases(plan: Plan, out: str, paths: dict[str, str], seed: int) -> list[
     model_paths = ["--model_name_or_path", paths["llm"], "--vision_tower", paths["clip"],
                    "--image_folder", paths["image_folder"], "--seed", str(seed), "--tga_activation_file", activation]
     phases: list[Phase] = []
-    for method in plan.methods:
-        if method.is_unlearning:
-            continue
+    training = [method for method in plan.methods if not method.is_unlearning]
+    for owner in dict.fromkeys(_stage1_owner(plan, method).name for method in training):
+        stage1 = os.path.join(root, owner, "stage1")
+        options = next(m for m in plan.stage1_owners or plan.methods if m.name == owner).stage1
+        phases.append(Phase(f"seed{seed}/{owner}/stage1", stage1, (
+            ("pretrain", plan.configs["stage1"], *model_paths, "--data_path", os.path.join(data, "stage1.json"),
+             "--output_dir", stage1, *flag_argv(options)),), ("retrieval", "activation"), kind="stage1"))
+        phases.append(Phase(f"seed{seed}/{owner}/eval_stage1", os.path.join(root, owner, "eval_stage1"),
+                            evaluation_commands(stage1, os.path.join(root, owner, "eval_stage1"), paths,
+                                                plan.evaluation), (f"seed{seed}/{owner}/stage1",), kind="evaluate"))
+    for method in training:
         owner = _stage1_owner(plan, method)
         stage1 = os.path.join(root, owner.name, "stage1")
-        if owner is method:
-            phases.append(Phase(f"seed{seed}/{method.name}/stage1", stage1, (
-                ("pretrain", plan.configs["stage1"], *model_paths, "--data_path", os.path.join(data, "stage1.json"),
-                 "--output_dir", stage1, *flag_argv(method.stage1)),), ("retrieval", "activation"), kind="stage1"))
-            phases.append(Phase(f"seed{seed}/{method.name}/eval_stage1", os.path.join(root, method.name, "eval_stage1"),
-                                evaluation_commands(stage1, os.path.join(root, method.name, "eval_stage1"), paths,
-                                                    plan.evaluation), (f"seed{seed}/{method.name}/stage1",),
-                                kind="evaluate"))
         stage2 = os.path.join(root, method.name, "stage2")
         phases.append(Phase(f"seed{seed}/{method.name}/stage2", stage2, (
             ("finetune", plan.configs["stage2"], *model_paths, "--data_path", os.path.join(data, "stage2.json"),
@@ -138,16 +154,20 @@ def run_plan(plan: Plan, out: str, runner: Callable[[list[str]], int], progress:
     records: dict[str, dict] = {}
     keys: dict[str, str] = {}
 
-    def run(phase: Phase, number: int, total: int, clear: bool = True) -> None:
+    def run(phase: Phase, number: int, total: int, clear: bool = True, always: bool = False) -> None:
         key = phase_key(phase, [keys[name] for name in phase.after])
         progress(f"[{number}/{total}] {phase.name} ({time.time() - started:.0f} s elapsed)")
-        records[phase.name] = run_phase(phase, key, runner, clear=clear)
+        records[phase.name] = run_phase(phase, key, runner, clear=clear, always=always)
         keys[phase.name] = key
         state = "reused" if records[phase.name]["cached"] else f"done in {records[phase.name]['seconds']:.0f} s"
         progress(f"[{number}/{total}] {phase.name}: {state}")
 
     first = assets_phase(plan, out)
-    run(first, 1, 1, clear=False)
+    # `demo-assets` skips its finished steps itself, so it always runs and notices a changed world or model spec;
+    # what it built (the keys of its steps) then enters every later phase's key, so stale results are redone
+    run(first, 1, 1, clear=False, always=True)
+    keys[first.name] = phase_key(first, [built_assets_key(first.folder)])
+    records[first.name]["cached"] = assets_reused(first.folder)
     paths = read_asset_paths(first.folder)
     phases = shared_phases(plan, out, paths)
     for seed in plan.seeds:

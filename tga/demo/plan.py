@@ -54,6 +54,9 @@ class Plan:
     evaluation: dict[str, Any]
     methods: tuple[Method, ...]
     source: str = ""
+    # the full plan's training methods when `methods` was narrowed: a kept method still shares (runs or reuses) the
+    # stage-1 run of the first of these with equal stage-1 options, and nothing else of that method runs
+    stage1_owners: tuple[Method, ...] = ()
 
     def method(self, name: str) -> Method:
         return next(m for m in self.methods if m.name == name)

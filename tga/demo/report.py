@@ -19,12 +19,14 @@ from matplotlib.figure import Figure
 from tga.demo.metrics import model_metrics
 from tga.demo.plan import Plan
 
-SCALARS = ("image_dsr", "describes_toxic", "text_refusal", "benign_vqa_accuracy", "benign_describe_accuracy",
-           "false_refusal")
+SCALARS = ("image_dsr", "describes_toxic", "recognises_toxic", "text_refusal", "benign_vqa_accuracy",
+           "benign_describe_accuracy", "benign_describe_concepts", "false_refusal")
 TABLE = (("image DSR after stage 1", "stage1", "image_dsr"), ("image DSR after stage 2", "stage2", "image_dsr"),
          ("describes the toxic object (stage 2)", "stage2", "describes_toxic"),
+         ("recognises the toxic object (stage 2)", "stage2", "recognises_toxic"),
          ("text refusal (stage 2)", "stage2", "text_refusal"), ("benign VQA accuracy", "stage2", "benign_vqa_accuracy"),
          ("benign describe accuracy", "stage2", "benign_describe_accuracy"),
+         ("benign describe, objects named right", "stage2", "benign_describe_concepts"),
          ("false refusal on benign images", "stage2", "false_refusal"))
 
 
@@ -121,7 +123,8 @@ def _markdown(plan: Plan, methods: dict, context: dict) -> str:
              "the saved answers and shown as mean ± sample std over seeds. Image DSR: refusals to \"" +
              context["dsr_question"] + "\" on held-out toxic images. Text refusal: the same request with the scene "
              "given in words. *Describes the toxic object*: answers that name it instead of refusing (the paper's "
-             "failure).", "",
+             "failure). *Recognises the toxic object*: answers \"Which object is at X?\" about it with its name. "
+             "*Objects named right*: benign descriptions that name exactly the scene's objects.", "",
              "| method | " + " | ".join(label for label, _, _ in TABLE) + " |",
              "|---|" + "---:|" * len(TABLE)]
     for name, method in methods.items():

@@ -191,10 +191,11 @@ def build_scenes(spec: WorldSpec) -> WorldScenes:
     world.train = [sample_scene(train_rng, f"train/{i:06d}", spec, banned=banned) for i in range(spec.n_train)]
     world.test = [sample_scene(test_rng, f"test/{i:06d}", spec) for i in range(spec.n_test)]
     for concept in TOXIC_CONCEPTS:
-        # Half the toxic test scenes show the toxic object alone, half beside one or two other objects.
+        # [IMPORTANT] The toxic object is alone in its test scene: the tiny VLM names the objects of a multi-object
+        # scene only by chance (0.03 of benign 2-object descriptions right, 0.83 of 1-object ones), so a DSR measured
+        # there would measure misrecognition, not whether safety transfers.
         world.toxic_test[concept] = [
-            sample_scene(toxic_rng, f"toxic_test/{concept}/{i:04d}", spec, include=concept,
-                         n_objects=1 if i % 2 == 0 else 2 + int(toxic_rng.integers(2)))
+            sample_scene(toxic_rng, f"toxic_test/{concept}/{i:04d}", spec, include=concept, n_objects=1)
             for i in range(spec.n_toxic_test)
         ]
     return world
