@@ -66,6 +66,17 @@ def test_report_covers_every_method_seed_and_stage_with_rates_in_0_1(reduced_dem
     out = reduced_demo["out"]
     for name in ("report.md", "rates.png", "cosine.png", "specificity.png", "commands.sh"):
         assert os.path.getsize(os.path.join(out, name)) > 0
+    # training cost per step from every run's cost.json, for the variants' extra cost over the baseline
+    costs = reduced_demo["report"]["context"]["step_costs"]
+    assert set(costs) == {"llava", "tga", "tga_centred"}
+    assert all(value > 0 for stages in costs.values() for value in stages.values())
+    with open(os.path.join(out, "seed0", "tga", "stage2", "cost.json"), encoding="utf-8") as handle:
+        seed0 = json.load(handle)
+    with open(os.path.join(out, "seed1", "tga", "stage2", "cost.json"), encoding="utf-8") as handle:
+        seed1 = json.load(handle)
+    assert costs["tga"]["stage2"] == pytest.approx((seed0["wall_time_s"] / seed0["steps"]
+                                                    + seed1["wall_time_s"] / seed1["steps"]) / 2)
+    assert "Training cost per step" in open(os.path.join(out, "report.md"), encoding="utf-8").read()
 
 
 def test_numbers_are_recomputed_from_the_saved_answers(reduced_demo):

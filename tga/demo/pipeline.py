@@ -100,6 +100,11 @@ def _stage1_owner(plan: Plan, method: Method) -> Method:
     return next(m for m in plan.stage1_owners or plan.methods if not m.is_unlearning and m.stage1 == method.stage1)
 
 
+def stage1_owner_name(plan: Plan, method: Method) -> str:
+    """The folder name of the stage-1 run a training method uses."""
+    return _stage1_owner(plan, method).name
+
+
 def seed_phases(plan: Plan, out: str, paths: dict[str, str], seed: int) -> list[Phase]:
     """Stage 1, stage 2 / unlearning and both evaluations of every method, for one seed."""
     root = os.path.join(out, f"seed{seed}")

@@ -63,6 +63,43 @@ def collect(plan: Plan, out: str) -> dict:
     return methods
 
 
+def step_costs(plan: Plan, out: str) -> dict:
+    """{method: {stage: mean seconds per training step over seeds}} from each run's `cost.json` (wall time / steps;
+    methods sharing a stage-1 run share its cost; an unlearning run has none)."""
+    from tga.demo.pipeline import stage1_owner_name
+
+    costs: dict = {}
+    for method in plan.methods:
+        if method.is_unlearning:
+            continue
+        per_stage = {}
+        for stage, owner in (("stage1", stage1_owner_name(plan, method)), ("stage2", method.name)):
+            values = []
+            for seed in plan.seeds:
+                path = os.path.join(out, f"seed{seed}", owner, stage, "cost.json")
+                if os.path.exists(path):
+                    with open(path, encoding="utf-8") as handle:
+                        cost = json.load(handle)
+                    values.append(cost["wall_time_s"] / max(cost["steps"], 1))
+            per_stage[stage] = mean(values) if values else None
+        costs[method.name] = per_stage
+    return costs
+
+
+def _cost_line(costs: dict) -> str:
+    baseline = next(iter(costs.values()), {})
+
+    def cell(value, base):
+        if value is None:
+            return "n/a"
+        return f"{value:.3f} s" + (f" ({value / base:.2f}×)" if base else "")
+
+    return ("Training cost per step (wall time / steps, mean over seeds; × the first method; runs that shared the "
+            "machine with others are slower, compare within one run): " + "; ".join(
+                f"{name} stage 1 {cell(c['stage1'], baseline.get('stage1'))}, stage 2 {cell(c['stage2'], baseline.get('stage2'))}"
+                for name, c in costs.items()) + ".")
+
+
 def _cell(stat: dict) -> str:
     return f"{stat['mean']:.3f} ± {stat['std']:.3f}" if stat["n"] > 1 else f"{stat['mean']:.3f}"
 
@@ -134,6 +171,8 @@ def _markdown(plan: Plan, methods: dict, context: dict) -> str:
         lines += ["", "Wall time per method and seed (its own training and evaluation phases; shared phases "
                   "counted once, under the method that ran them): "
                   + ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items()) + "."]
+    if context.get("step_costs"):
+        lines += ["", _cost_line(context["step_costs"])]
     lines += ["", "![rates](rates.png)", "", "![cosine](cosine.png)", "", "![specificity](specificity.png)", ""]
     activation = context.get("activation")
     if activation:
@@ -182,6 +221,7 @@ def write_report(plan: Plan, out: str, run: dict) -> dict:
     context["method_seconds"] = {
         method.name: sum(record["seconds"] for name, record in run["phases"].items()
                          if name.split("/")[1:2] == [method.name]) / len(plan.seeds) for method in plan.methods}
+    context["step_costs"] = step_costs(plan, out)
     report = {"plan": plan.source, "seeds": list(plan.seeds), "methods": methods, "context": context,
               "phases": {name: {k: record[k] for k in ("seconds", "cached", "commands")}
                          for name, record in run["phases"].items()}}
