@@ -48,6 +48,11 @@ def runs(tiny_assets, tmp_path_factory, launch_stage):
         checkpoints = ["--save_strategy", "steps", "--save_steps", "16"] if name == "stage2" else []
         out[name] = launch_stage("finetune.py", config, str(root / name), tiny_assets, "--data_path", tiny_assets["stage2"],
                            "--pretrain_mm_mlp_adapter", projector, *common, *checkpoints)
+    # stage 2 started from the saved stage-1 VLM folder (not from LLM + projector)
+    out["stage2_from_vlm"] = launch_stage(
+        "finetune.py", "configs/finetune/tiny_cpu.yaml", str(root / "stage2_from_vlm"), tiny_assets,
+        "--model_name_or_path", out["stage1"], "--data_path", tiny_assets["stage2"],
+        "--pretrain_mm_mlp_adapter", os.path.join(out["stage1"], "mm_projector.safetensors"), "--num_train_epochs", "1")
     return out
 
 
@@ -96,6 +101,19 @@ def test_stage2_changes_llm_and_projector_not_vision(runs):
     assert not any(torch.equal(stage1["projector"][k], stage2["projector"][k]) for k in stage1["projector"])
     changed = [k for k in stage1["llm"] if not torch.equal(stage1["llm"][k], stage2["llm"][k])]
     assert len(changed) > 0.9 * len(stage1["llm"])
+
+
+def test_stage2_from_a_saved_vlm_folder_saves_the_same_layout(runs):
+    # Under ZeRO-3, transformers' record of the renamings it applied while loading wrote `language_model.model.model.*`
+    # and `vision_tower.vision_model.*` keys (tga.model.vlm.load_vlm drops the record).
+    stage1, stage2 = weights(runs["stage1"]), weights(runs["stage2_from_vlm"])
+    assert stage2.keys() == stage1.keys()
+    parts1, parts2 = split(stage1), split(stage2)
+    assert equal(parts1["vision"], parts2["vision"])
+    assert sum(not torch.equal(parts1["llm"][k], parts2["llm"][k]) for k in parts1["llm"]) > 0.9 * len(parts1["llm"])
+    reloaded = load_vlm(runs["stage2_from_vlm"]).state_dict()
+    key = "model.language_model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(reloaded[key], stage2["language_model.model.layers.0.mlp.up_proj.weight"])
 
 
 @pytest.mark.parametrize("run", ["stage1", "stage1_tga", "stage2", "stage2_tga"])

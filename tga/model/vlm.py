@@ -150,6 +150,11 @@ def load_vlm(
     config = AutoConfig.from_pretrained(path)
     projector_type = getattr(config, "mm_projector_type", DEFAULT_PROJECTOR)
     model = LlavaForConditionalGeneration.from_pretrained(path, **kwargs)
+    # transformers 5 records the key renamings it applied while loading, and save_pretrained reverses them. Under
+    # ZeRO-3 the record also holds legacy renamings (`^language_model.model.model` -> ...), whose reverse writes
+    # `language_model.model.model.*` and `vision_tower.vision_model.*`. Without a record, saving uses the class's
+    # own mapping, as it does for a model assembled by `build_vlm`: every saved folder has one layout.
+    model._weight_conversions = None
     if projector_type != DEFAULT_PROJECTOR:
         # transformers builds its 2-layer projector; swap in the saved type and load its weights.
         projector = build_projector(projector_type, config).to(dtype)
