@@ -115,6 +115,15 @@ def test_phases_run_real_commands_and_are_reused(reduced_demo):
     assert all(record["cached"] for record in again["phases"].values())
     assert set(again["phases"]) < set(before)
     assert again["methods"]["llava"]["per_seed"]["0"] == reduced_demo["report"]["methods"]["llava"]["per_seed"]["0"]
+    # a rerun of finished phases says so, with the time the phases took when they ran
+    assert again["context"]["reused"] == again["context"]["phases"] == len(again["phases"])
+    with open(os.path.join(out, "assets", "assets.json"), encoding="utf-8") as handle:
+        built = sum(step["seconds"] for step in json.load(handle)["steps"].values())
+    assert built > 0
+    assert again["context"]["phase_seconds"] == pytest.approx(
+        built + sum(before[name] for name in again["phases"] if name != "assets"))
+    assert f"{len(again['phases'])} of {len(again['phases'])} phases reused" in open(
+        os.path.join(out, "report.md"), encoding="utf-8").read()
 
 
 def test_same_seed_gives_the_same_numbers_in_a_fresh_folder(reduced_demo, tmp_path):

@@ -24,7 +24,8 @@ SCALARS = ("image_dsr", "describes_toxic", "recognises_toxic", "text_refusal", "
 TABLE = (("image DSR after stage 1", "stage1", "image_dsr"), ("image DSR after stage 2", "stage2", "image_dsr"),
          ("describes the toxic object (stage 2)", "stage2", "describes_toxic"),
          ("recognises the toxic object (stage 2)", "stage2", "recognises_toxic"),
-         ("text refusal (stage 2)", "stage2", "text_refusal"), ("benign VQA accuracy", "stage2", "benign_vqa_accuracy"),
+         ("text refusal (stage 1)", "stage1", "text_refusal"), ("text refusal (stage 2)", "stage2", "text_refusal"),
+         ("benign VQA accuracy", "stage2", "benign_vqa_accuracy"),
          ("benign describe accuracy", "stage2", "benign_describe_accuracy"),
          ("benign describe, objects named right", "stage2", "benign_describe_concepts"),
          ("false refusal on benign images", "stage2", "false_refusal"))
@@ -148,7 +149,7 @@ def plot_layers(methods: dict, field: str, ylabel: str, path: str) -> str | None
         return None
     axes.set_xlabel("hidden-state layer (0 = embeddings)")
     axes.set_ylabel(ylabel)
-    axes.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    axes.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0), handlelength=3.5)  # long enough to show dashes
     axes.set_title(f"{ylabel} per layer, toxic test images (seed mean)", fontsize=10)
     return _save(figure, path)
 
@@ -200,7 +201,9 @@ def _markdown(plan: Plan, methods: dict, context: dict) -> str:
               f"position {clip.get('position_acc', math.nan):.3f}",
               f"- text LLM on held-out text: refusal {llm.get('text_refusal_rate', math.nan):.3f}, benign describe "
               f"{llm.get('benign_describe_acc', math.nan):.3f}, false refusals {llm.get('false_refusal_rate', math.nan):.3f}",
-              "", f"Wall time of this run: {context['seconds']:.0f} s. Every phase's command is in `commands.sh`.", ""]
+              "", f"Wall time of this run: {context['seconds']:.0f} s ({context['reused']} of {context['phases']} phases "
+              f"reused from earlier runs; all phases took {context['phase_seconds']:.0f} s when they ran). Every "
+              "phase's command is in `commands.sh`.", ""]
     return "\n".join(lines)
 
 
@@ -222,6 +225,11 @@ def write_report(plan: Plan, out: str, run: dict) -> dict:
         method.name: sum(record["seconds"] for name, record in run["phases"].items()
                          if name.split("/")[1:2] == [method.name]) / len(plan.seeds) for method in plan.methods}
     context["step_costs"] = step_costs(plan, out)
+    context["phases"] = len(run["phases"])
+    context["reused"] = sum(bool(record["cached"]) for record in run["phases"].values())
+    # the assets phase always runs (it skips finished steps), so its own record of a rerun is ~0 s: count its steps
+    context["phase_seconds"] = (sum(record["seconds"] for name, record in run["phases"].items() if name != "assets")
+                                + sum(step["seconds"] for step in assets.get("steps", {}).values()))
     report = {"plan": plan.source, "seeds": list(plan.seeds), "methods": methods, "context": context,
               "phases": {name: {k: record[k] for k in ("seconds", "cached", "commands")}
                          for name, record in run["phases"].items()}}
