@@ -97,6 +97,15 @@ def test_sample_spans_and_guide_selection(builder):
         assert (batch["labels"][row, length:] == IGNORE_INDEX).all()
 
 
+def test_guide_toxic_puts_toxic_records_into_the_guide(builder):
+    import dataclasses
+
+    toxic = parse_record(record("t", image_caption="a knife", toxic=True), 1, "d")
+    sample = dataclasses.replace(builder, guide_toxic=True).build(toxic)
+    assert sample["guide"]
+    assert builder.tokenizer.decode(sample["caption_input_ids"][sample["caption_mask"]]) == "a knife"
+
+
 def test_leak_guard_halves_a_retrieved_text_equal_to_the_caption():
     assert leak_guarded("A red knife on the left", "a red  knife on the left") == "A red knife"
     assert leak_guarded("a blue cup", "a red knife") == "a blue cup"

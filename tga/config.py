@@ -75,6 +75,7 @@ class TGAArguments:
     tga_target: str = "live"                            # live (training model, no grad) | frozen (model at stage start)
     tga_temperature: float = 0.07                       # contrastive form temperature
     tga_center: bool = False                            # subtract a running mean of caption states before cosines
+    tga_guide_toxic: bool = False                       # also align records marked toxic (default: they never enter the guide)
     # fmt: on
 
 

@@ -60,6 +60,7 @@ class SampleBuilder:
     image_aspect_ratio: str = "pad"  # "pad" | "resize" (processor default: resize + centre crop)
     use_retrieved: bool = False  # put R into the prompt (TGA stage 2 training)
     caption_target: bool = False  # also build the caption-only pass (TGA)
+    guide_toxic: bool = False  # records marked toxic enter the guide loss too (default: never)
 
     def load_image(self, record: Record) -> torch.Tensor:
         label = repr(record.id)
@@ -102,7 +103,7 @@ class SampleBuilder:
             "retrieved_mask": encoded.mask("retrieved"),
             "pixel_values": self.load_image(record) if has_image else None,
             "truncated": encoded.truncated,
-            "guide": bool(self.caption_target and has_image and record.caption and not record.toxic),
+            "guide": bool(self.caption_target and has_image and record.caption and (self.guide_toxic or not record.toxic)),
         }
         if sample["guide"]:
             caption_segments = self.template.render(
