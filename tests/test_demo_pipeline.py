@@ -126,9 +126,13 @@ def test_phases_run_real_commands_and_are_reused(reduced_demo):
         os.path.join(out, "report.md"), encoding="utf-8").read()
 
 
-def test_same_seed_gives_the_same_numbers_in_a_fresh_folder(reduced_demo, tmp_path):
+def test_same_seed_gives_the_same_numbers_in_a_fresh_folder_with_phases_side_by_side(reduced_demo, tmp_path):
+    """Rerun in a fresh folder with `--jobs 2`: phases in child processes with one thread each give the numbers and
+    answers the in-process run gave."""
     assert main(["sweep", reduced_demo["plan"], "--out", str(tmp_path / "again"), "--methods", "tga",
-                 "--seeds", "1"]) == 0
+                 "--seeds", "1", "--jobs", "2"]) == 0
+    log = open(tmp_path / "again" / "seed1" / "tga" / "stage2" / "log.txt", encoding="utf-8").read()
+    assert log.startswith("$ tga finetune ") and "train_runtime" in log
     with open(tmp_path / "again" / "report.json", encoding="utf-8") as handle:
         fresh = json.load(handle)["methods"]["tga"]["per_seed"]["1"]
     assert fresh == reduced_demo["report"]["methods"]["tga"]["per_seed"]["1"]

@@ -253,3 +253,56 @@ def test_llm_folder_loads_and_chat_template_masks_answers(tiny_assets):
     with torch.no_grad():
         logits = model(input_ids=enc.input_ids[None]).logits
     assert logits.shape == (1, len(enc.input_ids), len(tokenizer))
+
+
+# --------------------------------------------------------------------------------------------- shipped models
+
+def test_shipped_models_are_the_full_world_ones_and_load():
+    """`make demo` copies tga/demo/prebuilt/* instead of training only when their keys equal the spec's: a spec change
+    without `make demo-models` must fail here, not silently train in every fresh run."""
+    from transformers import AutoModelForCausalLM, CLIPModel
+
+    from tga.demo.assets import PREBUILT_DIR, step_keys
+
+    keys = step_keys(0, "full")
+    for name in ("clip", "llm"):
+        shipped = _load(os.path.join(PREBUILT_DIR, name, "demo_spec.json"))
+        assert shipped["step"] == name and shipped["key"] == keys[name], name
+    clip = CLIPModel.from_pretrained(os.path.join(PREBUILT_DIR, "clip"))
+    assert clip.config.vision_config.image_size == world_spec("full", 0).image_size
+    llm = AutoModelForCausalLM.from_pretrained(os.path.join(PREBUILT_DIR, "llm"))
+    assert llm.config.model_type == "mistral"
+    assert step_keys(1, "full")["clip"] != keys["clip"]  # another world seed does not match the shipped models
+
+
+def test_matching_shipped_models_are_copied_and_train_models_trains(tiny_assets, tmp_path, monkeypatch):
+    import tga.demo.assets as assets_module
+
+    trained: list[str] = []
+
+    def fake_training(name):
+        def train(*args, **kwargs):
+            trained.append(name)
+            return {"fake": 1.0}
+        return train
+
+    monkeypatch.setattr(assets_module, "train_clip", fake_training("clip"))
+    monkeypatch.setattr(assets_module, "train_text_llm", fake_training("llm"))
+    shipped = tiny_assets["folder"]  # its clip/ and llm/ were trained for the tiny world: ship them
+    out = str(tmp_path / "assets")
+    paths = build_assets(out, seed=0, size="tiny", workers=1, prebuilt_dir=shipped)
+    steps = _load(paths["assets_json"])["steps"]
+    assert trained == [] and steps["clip"]["prebuilt"] and steps["llm"]["prebuilt"] and steps["clip"]["cached"]
+    for name in ("clip", "llm"):
+        copied, source = _tree_digest(paths[name]), _tree_digest(os.path.join(shipped, name))
+        assert copied.pop("demo_spec.json") != source.pop("demo_spec.json")  # marked as a shipped copy
+        assert copied == source  # the weights and every other file byte for byte
+    assert _load(os.path.join(paths["clip"], "demo_spec.json"))["key"] == steps["clip"]["key"]
+    # --train_models replaces the shipped copies by trained models, which a later plain run keeps
+    build_assets(out, seed=0, size="tiny", workers=1, prebuilt_dir=shipped, train_models=True)
+    assert trained == ["clip", "llm"]
+    again = _load(build_assets(out, seed=0, size="tiny", workers=1, prebuilt_dir=shipped)["assets_json"])["steps"]
+    assert trained == ["clip", "llm"] and not again["clip"]["prebuilt"] and again["clip"]["cached"]
+    # shipped models of another spec are never copied
+    other = build_assets(str(tmp_path / "other"), seed=1, size="tiny", workers=1, prebuilt_dir=shipped)
+    assert trained == ["clip", "llm", "clip", "llm"] and not _load(other["assets_json"])["steps"]["llm"]["prebuilt"]

@@ -1,7 +1,8 @@
 """tga/cli/demo_assets_cmd.py
 
 `tga demo-assets`: builds (or reuses) the demo world, its tiny CLIP and its tiny text LLM in a folder and prints
-where everything is and how well the two pretrained models do. The work is done by `tga.demo.build_assets`.
+where everything is and how well the two pretrained models do. The work is done by `tga.demo.build_assets`; the full
+world's models are copied from the shipped ones unless `--train_models` is given.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import json
 def run(args: argparse.Namespace) -> int:
     from tga.demo import build_assets
 
-    paths = build_assets(args.out, seed=args.seed, size=args.size, workers=args.workers)
+    paths = build_assets(args.out, seed=args.seed, size=args.size, workers=args.workers,
+                         train_models=args.train_models)
     with open(paths["assets_json"], encoding="utf-8") as handle:
         summary = json.load(handle)
     clip, llm = summary["clip_metrics"], summary["llm_metrics"]
     for name, step in summary["steps"].items():
-        print(f"{name:6s} {'reused' if step['cached'] else 'built '} ({step['seconds']:.1f} s when built)")
+        state = "shipped" if step.get("prebuilt") else "reused" if step["cached"] else "built"
+        print(f"{name:6s} {state:7s} ({step['seconds']:.1f} s when built)")
     print(f"CLIP zero-shot on held-out images: concept {clip['concept_acc']:.3f} (toxic {clip['toxic_concept_acc']:.3f}), "
           f"colour {clip['colour_acc']:.3f}, position {clip['position_acc']:.3f}, caption R@1 {clip['caption_r1']:.3f}")
     print(f"LLM on held-out text: refusal {llm['text_refusal_rate']:.3f}, benign describe {llm['benign_describe_acc']:.3f}, "
@@ -37,4 +40,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the world and of both trainings")
     parser.add_argument("--size", choices=["full", "tiny"], default="full", help="full demo world or a tiny test one")
     parser.add_argument("--workers", type=int, default=2, help="processes that render images")
+    parser.add_argument("--train_models", action="store_true",
+                        help="train the CLIP and the LLM even when the shipped ones (tga/demo/prebuilt) match the spec")
     parser.set_defaults(func=run)

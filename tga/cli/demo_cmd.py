@@ -2,7 +2,8 @@
 
 `tga demo` (the built-in safety-transfer demo, `configs/demo/demo.yaml`) and `tga sweep PLAN.yaml` (any grid of
 methods x seeds in the demo world, e.g. `configs/demo/study.yaml`). Both run the phases of `tga.demo.pipeline`,
-reusing finished ones, and write the report; `--size`, `--seeds` and `--methods` narrow a plan without editing it.
+reusing finished ones, and write the report; `--size`, `--seeds` and `--methods` narrow a plan without editing it,
+`--jobs` runs phases side by side.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from tga.demo.report import write_report
 
     plan = narrowed(load_plan(args.plan), args)
-    result = run_plan(plan, args.out, main)
+    result = run_plan(plan, args.out, main, jobs=args.jobs, train_models=args.train_models)
     report = write_report(plan, args.out, result)
     print(open(os.path.join(args.out, "report.md"), encoding="utf-8").read())
     print(f"total wall time {result['seconds']:.0f} s; report in {os.path.join(args.out, 'report.md')} "
@@ -49,11 +50,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _common(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument("--out", default=default_out, help="run folder (finished phases in it are reused)")
     parser.add_argument("--size", choices=["full", "tiny"], default=None, help="world size instead of the plan's")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds instead of the plan's")
     parser.add_argument("--methods", nargs="+", default=None, help="run only these methods of the plan")
+    parser.add_argument("--jobs", type=_positive, default=1,
+                        help="phases run side by side, each in its own processes with cores/jobs threads; their "
+                             "output goes to the phase folder's log.txt (default 1: in this process)")
+    parser.add_argument("--train_models", action="store_true",
+                        help="train the world's CLIP and text LLM even when the shipped ones match (~12 min)")
     parser.set_defaults(func=run)
 
 

@@ -3,7 +3,8 @@
 Turns a plan (`tga.demo.plan`) into the phases of a run and runs them: the world and its two pretrained models, text
 retrieval for every training image, the activation layer of the text LLM, then for every seed and method stage 1,
 its evaluation, stage 2 (or unlearning) and its evaluation; finally the report. Methods whose stage-1 options are
-equal share one stage-1 run. Layout of the run folder:
+equal share one stage-1 run. Phases run one after the other in this process, or with `jobs` > 1 side by side in
+child processes (`tga.demo.parallel`). Layout of the run folder:
 
     assets/                      world, tiny CLIP, text LLM (`tga demo-assets`)
     data/                        stage-1/2 records with `retrieved_caption` (`tga retrieve`)
@@ -19,7 +20,8 @@ import os
 import time
 from collections.abc import Callable
 
-from tga.demo.phases import Phase, phase_key, run_phase, write_commands
+from tga.demo.parallel import run_parallel
+from tga.demo.phases import Phase, phase_key, run_phase, shell_line, write_commands
 from tga.demo.plan import Method, Plan
 
 CHAT_TEMPLATE = "mistral_instruct"  # the text LLM's chat format: every evaluation asks in it
@@ -57,10 +59,10 @@ def evaluation_commands(model: str, folder: str, paths: dict[str, str], settings
     )
 
 
-def assets_phase(plan: Plan, out: str) -> Phase:
+def assets_phase(plan: Plan, out: str, train_models: bool = False) -> Phase:
     folder = os.path.join(out, "assets")
-    return Phase("assets", folder, (("demo-assets", "--out", folder, "--seed", str(plan.assets_seed),
-                                     "--size", plan.assets_size),), kind="assets")
+    command = ("demo-assets", "--out", folder, "--seed", str(plan.assets_seed), "--size", plan.assets_size)
+    return Phase("assets", folder, (command + (("--train_models",) if train_models else ()),), kind="assets")
 
 
 def read_asset_paths(assets_folder: str) -> dict[str, str]:
@@ -152,32 +154,41 @@ def stage1_folder(plan: Plan, out: str, seed: int, method: Method) -> str:
     return os.path.join(out, f"seed{seed}", _stage1_owner(plan, source).name, "eval_stage1")
 
 
-def run_plan(plan: Plan, out: str, runner: Callable[[list[str]], int], progress: Progress = print) -> dict:
-    """Run every phase of `plan` under `out` (reusing finished ones); returns {phase name: record}."""
+def run_plan(plan: Plan, out: str, runner: Callable[[list[str]], int], progress: Progress = print, *,
+             jobs: int = 1, train_models: bool = False) -> dict:
+    """Run every phase of `plan` under `out` (reusing finished ones); returns {phase name: record}.
+
+    Args:
+        plan: the plan.
+        out: the run folder.
+        runner: runs one `tga` argv in this process (used when `jobs` is 1, and for the assets).
+        progress: where progress lines go.
+        jobs: phases run side by side, each command in its own process (`tga.demo.parallel`).
+        train_models: train the world's CLIP and LLM even when shipped ones match (`tga demo-assets --train_models`).
+    """
     os.makedirs(out, exist_ok=True)
     started = time.time()
-    records: dict[str, dict] = {}
-    keys: dict[str, str] = {}
-
-    def run(phase: Phase, number: int, total: int, clear: bool = True, always: bool = False) -> None:
-        key = phase_key(phase, [keys[name] for name in phase.after])
-        progress(f"[{number}/{total}] {phase.name} ({time.time() - started:.0f} s elapsed)")
-        records[phase.name] = run_phase(phase, key, runner, clear=clear, always=always)
-        keys[phase.name] = key
-        state = "reused" if records[phase.name]["cached"] else f"done in {records[phase.name]['seconds']:.0f} s"
-        progress(f"[{number}/{total}] {phase.name}: {state}")
-
-    first = assets_phase(plan, out)
+    first = assets_phase(plan, out, train_models)
     # `demo-assets` skips its finished steps itself, so it always runs and notices a changed world or model spec;
     # what it built (the keys of its steps) then enters every later phase's key, so stale results are redone
-    run(first, 1, 1, clear=False, always=True)
-    keys[first.name] = phase_key(first, [built_assets_key(first.folder)])
-    records[first.name]["cached"] = assets_reused(first.folder)
+    progress(f"{first.name}: {shell_line(first.commands[0])}")
+    records = {first.name: run_phase(first, phase_key(first, []), runner, clear=False, always=True)}
+    keys = {first.name: phase_key(first, [built_assets_key(first.folder)])}
+    records[first.name].update(key=keys[first.name], cached=assets_reused(first.folder))
     paths = read_asset_paths(first.folder)
     phases = shared_phases(plan, out, paths)
     for seed in plan.seeds:
         phases += seed_phases(plan, out, paths, seed)
     write_commands([first, *phases], os.path.join(out, "commands.sh"))
-    for number, phase in enumerate(phases, start=1):
-        run(phase, number, len(phases))
+    for phase in phases:  # a key depends on the commands only, so every key is known before anything runs
+        keys[phase.name] = phase_key(phase, [keys[name] for name in phase.after])
+    if jobs > 1:
+        records.update(run_parallel(phases, jobs, lambda phase, command: run_phase(phase, keys[phase.name], command),
+                                    progress, keys))
+    else:
+        for number, phase in enumerate(phases, start=1):
+            progress(f"[{number}/{len(phases)}] {phase.name} ({time.time() - started:.0f} s elapsed)")
+            records[phase.name] = run_phase(phase, keys[phase.name], runner)
+            state = "reused" if records[phase.name]["cached"] else f"done in {records[phase.name]['seconds']:.0f} s"
+            progress(f"[{number}/{len(phases)}] {phase.name}: {state}")
     return {"phases": records, "seconds": round(time.time() - started, 1), "paths": paths}
