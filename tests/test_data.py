@@ -106,6 +106,32 @@ def test_guide_toxic_puts_toxic_records_into_the_guide(builder):
     assert builder.tokenizer.decode(sample["caption_input_ids"][sample["caption_mask"]]) == "a knife"
 
 
+def test_caption_context_request_reads_the_caption_where_the_image_was(builder):
+    """`--tga_caption_context request`: the caption pass is the image pass's prompt with the caption in the image's
+    place (same system prompt, retrieved text and question); the target span is the caption alone either way."""
+    import dataclasses
+
+    raw = record("q", question="What colour is it?\n<image>", image_caption="a red cup", retrieved_caption="a blue cup")
+    parsed = parse_record(raw, 0, "d")
+    alone = builder.build(parsed)
+    request = dataclasses.replace(builder, caption_context="request").build(parsed)
+    decode = builder.tokenizer.decode
+    for sample in (alone, request):
+        assert decode(sample["caption_input_ids"][sample["caption_mask"]]) == "a red cup"
+    assert "What colour is it?" not in decode(alone["caption_input_ids"])
+    image_prompt = decode(request["input_ids"][request["labels"] == IGNORE_INDEX])
+    caption_prompt = decode(request["caption_input_ids"])
+    assert "What colour is it?" in caption_prompt and "a blue cup" in caption_prompt
+    # the caption pass is the image prompt with the image tokens replaced by the caption tokens (as text: the tokenizer
+    # may join the space before the image into the caption's first token)
+    image_ids = request["input_ids"][request["labels"] == IGNORE_INDEX]
+    before = int(request["image_mask"].nonzero()[0])
+    start, end = int(request["caption_mask"].nonzero()[0]), int(request["caption_mask"].nonzero()[-1]) + 1
+    assert decode(request["caption_input_ids"][:start]).strip() == decode(image_ids[:before]).strip()
+    assert decode(request["caption_input_ids"][end:]).strip() == decode(image_ids[before + 16:]).strip()
+    assert image_prompt.count("a red cup") == 0
+
+
 def test_leak_guard_halves_a_retrieved_text_equal_to_the_caption():
     assert leak_guarded("A red knife on the left", "a red  knife on the left") == "A red knife"
     assert leak_guarded("a blue cup", "a red knife") == "a blue cup"

@@ -76,6 +76,7 @@ class TGAArguments:
     tga_temperature: float = 0.07                       # contrastive form temperature
     tga_center: bool = False                            # subtract a running mean of caption states before cosines
     tga_guide_toxic: bool = False                       # also align records marked toxic (default: they never enter the guide)
+    tga_caption_context: str = "alone"                  # alone (caption is the whole turn) | request (in the image's place)
     # fmt: on
 
 
@@ -215,6 +216,8 @@ def check_config(model_args, data_args, tga_args, training_args) -> None:
         raise ConfigError("--tga_schedule released applies the released form's (1-r) factors; use --tga_form released")
     if tga_args.tga_target not in ("live", "frozen"):
         raise ConfigError(f"--tga_target `{tga_args.tga_target}` must be live or frozen")
+    if tga_args.tga_caption_context not in ("alone", "request"):
+        raise ConfigError(f"--tga_caption_context `{tga_args.tga_caption_context}` must be alone or request")
     if model_args.lora_enable:
         if model_args.lora_r <= 0:
             raise ConfigError(f"--lora_r must be > 0, got {model_args.lora_r}")

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from tga.data.records import Record
-from tga.data.templates import Message, PromptTemplate
+from tga.data.templates import Message, PromptTemplate, Segment
 from tga.data.tokenize import EncodingError, encode_segments
 from tga.errors import DataError
 from tga.image_io import open_image, resolve_image_path
@@ -61,6 +61,7 @@ class SampleBuilder:
     use_retrieved: bool = False  # put R into the prompt (TGA stage 2 training)
     caption_target: bool = False  # also build the caption-only pass (TGA)
     guide_toxic: bool = False  # records marked toxic enter the guide loss too (default: never)
+    caption_context: str = "alone"  # "alone": the caption is the whole user turn; "request": it takes the image's place
 
     def load_image(self, record: Record) -> torch.Tensor:
         label = repr(record.id)
@@ -106,12 +107,20 @@ class SampleBuilder:
             "guide": bool(self.caption_target and has_image and record.caption and (self.guide_toxic or not record.toxic)),
         }
         if sample["guide"]:
-            caption_segments = self.template.render(
-                [Message("user", record.caption)], system=record.system, as_caption=True, add_generation_prompt=True
-            )
-            caption = self.encode(caption_segments, record.id)
+            caption = self.encode(self.caption_segments(record, retrieved), record.id)
             sample["caption_input_ids"], sample["caption_mask"] = caption.input_ids, caption.mask("caption")
         return sample
+
+
+    def caption_segments(self, record: Record, retrieved: str | None) -> list[Segment]:
+        """The caption-only pass: the caption as the whole user turn, or (`request`) the record's first user turn with
+        the caption in the image's place, so that the target is the caption as the model reads it in the request."""
+        if self.caption_context == "alone":
+            return self.template.render([Message("user", record.caption)], system=record.system, as_caption=True,
+                                        add_generation_prompt=True)
+        request = self.template.render([Message("user", record.messages[0].content)], has_image=True,
+                                       retrieved=retrieved, system=record.system, add_generation_prompt=True)
+        return [Segment(record.caption, "caption") if segment.role == "image" else segment for segment in request]
 
 
 class LazySupervisedDataset(Dataset):
