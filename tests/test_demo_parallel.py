@@ -64,13 +64,14 @@ def test_a_failed_phase_lets_the_running_one_finish_and_stops_its_dependents(tmp
     assert not {"b2", "b2_eval"} & set(recorder.spans)  # nothing new starts after a failure
 
 
-def test_commands_run_as_tga_processes_with_their_output_in_the_log(tmp_path):
+def test_a_phase_runs_in_one_tga_process_with_its_output_in_the_log(tmp_path):
     children = ChildProcesses(threads=1)
     log = str(tmp_path / LOG_FILE)
     run = children.runner(log)
-    assert run(["demo-assets", "--help"]) == 0
-    assert run(["no-such-command"]) != 0
+    assert run([["demo-assets", "--help"], ["demo", "--help"]]) == 0
+    assert run([["demo", "--help"], ["no-such-command"], ["demo-assets", "--help"]]) == 2  # stops at the failure
     text = open(log, encoding="utf-8").read()
-    assert text.startswith("$ tga demo-assets --help\n") and "--train_models" in text
-    assert "$ tga no-such-command" in text and "invalid choice" in text
+    assert text.startswith("$ tga demo-assets --help\n") and "--train_models" in text and "$ tga demo --help" in text
+    assert "invalid choice" in text and "failed with exit status 2: tga no-such-command" in text
+    assert text.count("$ tga demo-assets --help") == 1  # nothing ran after the failed command
     assert threads_per_job(1) >= threads_per_job(2) >= 1 and threads_per_job(10_000) == 1

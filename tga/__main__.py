@@ -1,7 +1,6 @@
 """tga/__main__.py
 
-`python -m tga ...` is the `tga` command (the demo's parallel phases start their commands this way, with the same
-interpreter as the parent).
+`python -m tga ...` is the `tga` command, for environments where the console script is not on PATH.
 """
 
 import sys

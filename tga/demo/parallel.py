@@ -1,10 +1,11 @@
 """tga/demo/parallel.py
 
 Runs the phases of a demo or sweep side by side (`tga demo --jobs N`): a phase starts as soon as the phases it reads
-from are finished and fewer than N are running. Each command of a phase runs as its own `python -m tga ...` process
-with cores / N threads, its output (progress bars included) going to the phase folder's `log.txt`. The tiny demo
-models are too small for two cores to speed one step up much, so two phases at once finish sooner than one after
-the other (docs/demo.md, *Time*); the results do not depend on the number of threads.
+from are finished and fewer than N are running. The commands of a phase run in one child process
+(`python -m tga.demo.phase_commands`, the same `tga` commands) with cores / N threads, its output (progress bars
+included) going to the phase folder's `log.txt`. The tiny demo models are too small for two cores to speed one step
+up much, so two phases at once finish sooner than one after the other (docs/demo.md, *Time*); the results do not
+depend on the number of threads.
 
 A failed phase lets the running ones finish (their work is kept) and then raises its error; an interrupt or a
 SIGTERM stops every running process, so a rerun redoes only the phases that were cut.
@@ -12,6 +13,7 @@ SIGTERM stops every running process, so a rerun redoes only the phases that were
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -22,11 +24,11 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from tqdm.auto import tqdm
 
-from tga.demo.phases import Phase, PhaseError, Runner, finished, shell_line
+from tga.demo.phases import BatchRunner, Phase, PhaseError, finished
 from tga.errors import TrainingStopped
 
 LOG_FILE = "log.txt"
-RunOne = Callable[[Phase, Runner], dict]  # runs one phase with the given command runner, returns its record
+RunOne = Callable[[Phase, BatchRunner], dict]  # runs one phase with the given runner of its commands, returns its record
 
 
 def threads_per_job(jobs: int) -> int:
@@ -36,23 +38,21 @@ def threads_per_job(jobs: int) -> int:
 
 
 class ChildProcesses:
-    """Starts `tga` commands as child processes and remembers the running ones, so that they can all be stopped."""
+    """Starts the commands of phases as child processes and remembers the running ones, so that they can be stopped."""
 
     def __init__(self, threads: int):
         self.threads = threads
         self._running: set[subprocess.Popen] = set()
         self._lock = threading.Lock()
 
-    def runner(self, log_path: str) -> Runner:
-        """A command runner for one phase: each command appends its output to `log_path`."""
+    def runner(self, log_path: str) -> BatchRunner:
+        """A runner of one phase's commands: one child process, its output appended to `log_path`."""
 
-        def run(argv: list[str]) -> int:
+        def run(commands: list[list[str]]) -> int:
             environment = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
             with open(log_path, "a", encoding="utf-8") as log:
-                log.write(f"$ {shell_line(argv)}\n")
-                log.flush()
-                process = subprocess.Popen([sys.executable, "-m", "tga", *argv], stdout=log,
-                                           stderr=subprocess.STDOUT, env=environment)
+                process = subprocess.Popen([sys.executable, "-m", "tga.demo.phase_commands", json.dumps(commands)],
+                                           stdout=log, stderr=subprocess.STDOUT, env=environment)
                 with self._lock:
                     self._running.add(process)
                 try:

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from tga.errors import TGAError
 
 PHASE_FILE = "phase.json"
-Runner = Callable[[list[str]], int]
+Runner = Callable[[list[str]], int]  # runs one `tga` argv, returns its exit status
+BatchRunner = Callable[[list[list[str]]], int]  # runs a phase's argvs in order, returns the first failure's status
 
 
 class PhaseError(TGAError):
@@ -73,13 +74,16 @@ def _write_atomic(path: str, payload: dict) -> None:
     os.replace(temporary, path)
 
 
-def run_phase(phase: Phase, key: str, runner: Runner, *, clear: bool = True, always: bool = False) -> dict:
+def run_phase(phase: Phase, key: str, runner: Runner | None = None, *, batch: BatchRunner | None = None,
+              clear: bool = True, always: bool = False) -> dict:
     """Run `phase` unless it already finished with `key`; returns its record (with `cached`).
 
     Args:
         phase: the phase.
         key: its key (see `phase_key`).
         runner: runs one `tga` argv and returns its exit status (normally `tga.cli.main`).
+        batch: instead of `runner`, runs all the phase's commands (stopping at the first failure) and returns the
+            exit status (`tga.demo.parallel`: one child process per phase).
         clear: empty the folder before running (False for phases that cache inside their folder themselves).
         always: run even when finished with `key` (a phase whose command checks its own cache, cheaply).
 
@@ -93,7 +97,11 @@ def run_phase(phase: Phase, key: str, runner: Runner, *, clear: bool = True, alw
         shutil.rmtree(phase.folder)
     os.makedirs(phase.folder, exist_ok=True)
     started = time.time()
-    for argv in phase.commands:
+    if batch is not None:
+        status = batch([list(argv) for argv in phase.commands])
+        if status != 0:
+            raise PhaseError(f"phase {phase.name} failed (exit status {status})")
+    for argv in phase.commands if batch is None else ():
         status = runner(list(argv))
         if status != 0:
             raise PhaseError(f"phase {phase.name} failed (exit status {status}) running: {shell_line(argv)}")

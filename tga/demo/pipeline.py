@@ -183,7 +183,7 @@ def run_plan(plan: Plan, out: str, runner: Callable[[list[str]], int], progress:
     for phase in phases:  # a key depends on the commands only, so every key is known before anything runs
         keys[phase.name] = phase_key(phase, [keys[name] for name in phase.after])
     if jobs > 1:
-        records.update(run_parallel(phases, jobs, lambda phase, command: run_phase(phase, keys[phase.name], command),
+        records.update(run_parallel(phases, jobs, lambda phase, batch: run_phase(phase, keys[phase.name], batch=batch),
                                     progress, keys))
     else:
         for number, phase in enumerate(phases, start=1):
