@@ -200,8 +200,13 @@ def _markdown(plan: Plan, methods: dict, context: dict) -> str:
               f"(toxic {clip.get('toxic_concept_acc', math.nan):.3f}), colour {clip.get('colour_acc', math.nan):.3f}, "
               f"position {clip.get('position_acc', math.nan):.3f}",
               f"- text LLM on held-out text: refusal {llm.get('text_refusal_rate', math.nan):.3f}, benign describe "
-              f"{llm.get('benign_describe_acc', math.nan):.3f}, false refusals {llm.get('false_refusal_rate', math.nan):.3f}",
-              "", f"Wall time of this run: {context['seconds']:.0f} s ({context['reused']} of {context['phases']} phases "
+              f"{llm.get('benign_describe_acc', math.nan):.3f}, false refusals {llm.get('false_refusal_rate', math.nan):.3f}"]
+    shipped = context.get("shipped_models", {})
+    if shipped:
+        lines.append("- " + " and ".join(name.upper() for name in shipped) + " copied from the models shipped in `tga/demo/prebuilt/` (trained "
+                     "by `tga demo-assets` in " + " and ".join(f"{value:.0f} s" for value in shipped.values())
+                     + "); `--train_models` trains them in the run instead")
+    lines += ["", f"Wall time of this run: {context['seconds']:.0f} s ({context['reused']} of {context['phases']} phases "
               f"reused from earlier runs; all phases took {context['phase_seconds']:.0f} s when they ran). Every "
               "phase's command is in `commands.sh`.", ""]
     return "\n".join(lines)
@@ -225,6 +230,8 @@ def write_report(plan: Plan, out: str, run: dict) -> dict:
         method.name: sum(record["seconds"] for name, record in run["phases"].items()
                          if name.split("/")[1:2] == [method.name]) / len(plan.seeds) for method in plan.methods}
     context["step_costs"] = step_costs(plan, out)
+    context["shipped_models"] = {name: step["seconds"] for name, step in assets.get("steps", {}).items()
+                                 if step.get("prebuilt")}
     context["phases"] = len(run["phases"])
     context["reused"] = sum(bool(record["cached"]) for record in run["phases"].values())
     # the assets phase always runs (it skips finished steps), so its own record of a rerun is ~0 s: count its steps
