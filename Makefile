@@ -6,8 +6,8 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export DS_BUILD_OPS ?= 0
-# demo phases run side by side, each with cores / jobs threads (the numbers do not depend on it)
-DEMO_JOBS ?= 2
+# demo phases side by side, each with cores / jobs threads (same numbers; on 2 cores no faster, see docs/demo.md)
+DEMO_JOBS ?= 1
 
 .PHONY: install test test-fast demo demo-seeds demo-models demo-tiny lint format clean
 
