@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tga.demo.parallel import LOG_FILE, ChildProcesses, run_parallel, threads_per_job
-from tga.demo.phases import Phase, PhaseError
+from tga.demo.phases import Phase, PhaseError, run_phase
 
 
 def _phases(folder) -> list[Phase]:
@@ -75,3 +75,14 @@ def test_a_phase_runs_in_one_tga_process_with_its_output_in_the_log(tmp_path):
     assert "invalid choice" in text and "failed with exit status 2: tga no-such-command" in text
     assert text.count("$ tga demo-assets --help") == 1  # nothing ran after the failed command
     assert threads_per_job(1) >= threads_per_job(2) >= 1 and threads_per_job(10_000) == 1
+
+
+def test_a_batch_runner_gets_all_commands_and_its_failure_leaves_the_phase_unfinished(tmp_path):
+    phase = Phase("p", str(tmp_path / "p"), (("a", "1"), ("b",)))
+    seen: list = []
+    with pytest.raises(PhaseError, match="phase p failed .exit status 3"):
+        run_phase(phase, "k", batch=lambda commands: seen.append(commands) or 3)
+    assert seen == [[["a", "1"], ["b"]]] and not os.path.exists(tmp_path / "p" / "phase.json")
+    record = run_phase(phase, "k", batch=lambda commands: 0)
+    assert not record["cached"] and record["commands"] == ["tga a 1", "tga b"]
+    assert run_phase(phase, "k", batch=lambda commands: 1)["cached"]  # finished with this key: not run again

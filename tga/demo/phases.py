@@ -101,10 +101,11 @@ def run_phase(phase: Phase, key: str, runner: Runner | None = None, *, batch: Ba
         status = batch([list(argv) for argv in phase.commands])
         if status != 0:
             raise PhaseError(f"phase {phase.name} failed (exit status {status})")
-    for argv in phase.commands if batch is None else ():
-        status = runner(list(argv))
-        if status != 0:
-            raise PhaseError(f"phase {phase.name} failed (exit status {status}) running: {shell_line(argv)}")
+    else:
+        for argv in phase.commands:
+            status = runner(list(argv))
+            if status != 0:
+                raise PhaseError(f"phase {phase.name} failed (exit status {status}) running: {shell_line(argv)}")
     record = {"name": phase.name, "kind": phase.kind, "key": key, "seconds": round(time.time() - started, 1),
               "commands": [shell_line(argv) for argv in phase.commands]}
     _write_atomic(os.path.join(phase.folder, PHASE_FILE), record)
