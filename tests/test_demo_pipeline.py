@@ -152,6 +152,10 @@ def test_plans_are_checked_before_anything_runs(tmp_path):
         parse_plan({**base, "seeds": [1, 1]})
     with pytest.raises(ConfigError, match="configs.unlearn"):
         parse_plan({**base, "configs": {"stage1": "a", "stage2": "b"}})
+    with pytest.raises(ConfigError, match=re.escape("recipe has unknown keys ['stage3']")):
+        parse_plan({**base, "recipe": {"stage3": {"num_train_epochs": 2}}})
+    with pytest.raises(ConfigError, match="recipe.stage1 must be a mapping"):
+        parse_plan({**base, "recipe": {"stage1": 2}})
     with pytest.raises(ConfigError, match="plan file not found"):
         load_plan(str(tmp_path / "missing.yaml"))
     assert main(["sweep", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "x")]) == 2
@@ -163,8 +167,46 @@ def test_the_shipped_plans_parse():
     study = load_plan("configs/demo/study.yaml")
     assert len(study.seeds) >= 3 and study.method("tga_paper_frozen").stage2["tga_target"] == "frozen"
     assert study.method("tga").stage1 == study.method("tga_paper_frozen").stage1  # one shared stage-1 run
-    for method in plan.methods:  # the demo's methods are the study's first part: same names, same options
+    for method in plan.methods:  # the demo's methods are in the study: same names, same options
         assert study.method(method.name) == method
+    assert plan.recipe == {}  # the demo runs its recipe files as they are; the study adds its two-epoch schedule
+    assert study.recipe["stage1"]["num_train_epochs"] == study.recipe["stage2"]["num_train_epochs"] == 2
+
+
+def test_recipe_flags_reach_every_method_and_the_method_wins(tmp_path):
+    from tga.demo.pipeline import seed_phases
+
+    plan = parse_plan({"configs": {"stage1": "a", "stage2": "b", "unlearn": "c"},
+                       "recipe": {"stage1": {"num_train_epochs": 2}, "stage2": {"num_train_epochs": 2},
+                                  "unlearn": {"max_steps": 7}},
+                       "methods": {"llava": {}, "short": {"stage2": {"num_train_epochs": 1}},
+                                   "forget": {"base": "llava", "unlearn": {}}}})
+    paths = {name: name for name in ("llm", "clip", "image_folder", "dsr_question", "toxic_test_folder",
+                                     "toxic_text_prompts", "benign_vqa_test", "benign_describe_test", "toxic_vqa_test",
+                                     "toxic_pairs", "unlearn_harmful", "unlearn_normal")}
+    commands = {phase.name: phase.commands[0] for phase in seed_phases(plan, str(tmp_path), paths, 0)}
+
+    def flag(name, option):
+        argv = commands[name]
+        assert argv.count(option) == 1, argv  # one value per option: the command reads plainly
+        return argv[argv.index(option) + 1]
+
+    assert flag("seed0/llava/stage1", "--num_train_epochs") == "2"
+    assert flag("seed0/llava/stage2", "--num_train_epochs") == "2"
+    assert flag("seed0/short/stage2", "--num_train_epochs") == "1"
+    assert flag("seed0/forget/stage2", "--max_steps") == "7"
+
+
+def test_an_edited_recipe_file_changes_the_phase_key(tmp_path):
+    from tga.demo.phases import Phase, phase_key
+
+    recipe = tmp_path / "pretrain.yaml"
+    recipe.write_text("num_train_epochs: 1\n")
+    phase = Phase("seed0/llava/stage1", str(tmp_path / "run"), (("pretrain", str(recipe), "--seed", "0"),))
+    first = phase_key(phase, ["upstream"])
+    assert phase_key(phase, ["upstream"]) == first
+    recipe.write_text("num_train_epochs: 2\n")
+    assert phase_key(phase, ["upstream"]) != first
 
 
 def test_rebuilt_assets_redo_every_later_phase(tmp_path):

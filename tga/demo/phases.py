@@ -1,10 +1,11 @@
 """tga/demo/phases.py
 
 A phase of a demo or sweep run: a folder and the `tga` commands that fill it. A phase is skipped when its folder
-holds a `phase.json` with the same key (a hash of its commands and of the keys of the phases it reads from), so a
-rerun reuses finished work and a killed run redoes only the phase it was in; a phase whose key changed starts from an
-empty folder, so no stale file survives. Commands run in this process through the `tga` CLI entry point, which makes
-each one exactly the command a user can paste to rerun that phase alone (they are listed in `commands.sh`).
+holds a `phase.json` with the same key (a hash of its commands, of the recipe YAMLs they read and of the keys of the
+phases it reads from), so a rerun reuses finished work and a killed run redoes only the phase it was in; a phase whose
+key changed (an edited recipe included) starts from an empty folder, so no stale file survives. Commands run in this
+process through the `tga` CLI entry point, which makes each one exactly the command a user can paste to rerun that
+phase alone (they are listed in `commands.sh`).
 """
 
 from __future__ import annotations
@@ -53,9 +54,23 @@ def shell_line(argv: Sequence[str]) -> str:
     return "tga " + shlex.join(argv)
 
 
+def recipe_files(phase: Phase) -> dict[str, str]:
+    """{path: sha256 of its text} of the recipe YAMLs the phase's commands read: an edited recipe changes the key."""
+    paths = sorted({token for argv in phase.commands for token in argv
+                    if token.endswith((".yaml", ".yml")) and os.path.isfile(token)})
+    digests = {}
+    for path in paths:
+        with open(path, "rb") as handle:
+            digests[path] = hashlib.sha256(handle.read()).hexdigest()
+    return digests
+
+
 def phase_key(phase: Phase, upstream: Sequence[str]) -> str:
-    payload = json.dumps({"commands": phase.commands, "upstream": list(upstream)}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    payload = {"commands": phase.commands, "upstream": list(upstream)}
+    recipes = recipe_files(phase)
+    if recipes:  # absent when no recipe file is read, so such a phase's key stays what it was
+        payload["recipes"] = recipes
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def finished(phase: Phase) -> dict | None:

@@ -36,6 +36,11 @@ def flag_argv(options: dict) -> list[str]:
     return argv
 
 
+def stage_flags(plan: Plan, stage: str, options: dict) -> list[str]:
+    """The plan's recipe flags of `stage`, then the method's own (which win where both set an option)."""
+    return flag_argv({**plan.recipe.get(stage, {}), **options})
+
+
 def evaluation_commands(model: str, folder: str, paths: dict[str, str], settings: dict) -> tuple[tuple[str, ...], ...]:
     """The evaluation of one model folder: image DSR, text refusal, benign VQA and describe, recognition of the toxic
     object, image/caption similarity."""
@@ -120,7 +125,8 @@ def seed_phases(plan: Plan, out: str, paths: dict[str, str], seed: int) -> list[
         options = next(m for m in plan.stage1_owners or plan.methods if m.name == owner).stage1
         phases.append(Phase(f"seed{seed}/{owner}/stage1", stage1, (
             ("pretrain", plan.configs["stage1"], *model_paths, "--data_path", os.path.join(data, "stage1.json"),
-             "--output_dir", stage1, *flag_argv(options)),), ("retrieval", "activation"), kind="stage1"))
+             "--output_dir", stage1, *stage_flags(plan, "stage1", options)),),
+            ("retrieval", "activation"), kind="stage1"))
         phases.append(Phase(f"seed{seed}/{owner}/eval_stage1", os.path.join(root, owner, "eval_stage1"),
                             evaluation_commands(stage1, os.path.join(root, owner, "eval_stage1"), paths,
                                                 plan.evaluation), (f"seed{seed}/{owner}/stage1",), kind="evaluate"))
@@ -131,7 +137,8 @@ def seed_phases(plan: Plan, out: str, paths: dict[str, str], seed: int) -> list[
         phases.append(Phase(f"seed{seed}/{method.name}/stage2", stage2, (
             ("finetune", plan.configs["stage2"], *model_paths, "--data_path", os.path.join(data, "stage2.json"),
              "--pretrain_mm_mlp_adapter", os.path.join(stage1, "mm_projector.safetensors"), "--output_dir", stage2,
-             *flag_argv(method.stage2)),), (f"seed{seed}/{owner.name}/stage1",), kind="stage2"))
+             *stage_flags(plan, "stage2", method.stage2)),),
+            (f"seed{seed}/{owner.name}/stage1",), kind="stage2"))
     for method in plan.methods:
         if method.is_unlearning:
             base = os.path.join(root, method.base, "stage2")
@@ -139,7 +146,8 @@ def seed_phases(plan: Plan, out: str, paths: dict[str, str], seed: int) -> list[
             phases.append(Phase(f"seed{seed}/{method.name}/stage2", folder, (
                 ("unlearn", plan.configs["unlearn"], "--model", base, "--harmful", paths["unlearn_harmful"],
                  "--normal", paths["unlearn_normal"], "--output_dir", folder, "--seed", str(seed),
-                 *flag_argv(method.unlearn or {})),), (f"seed{seed}/{method.base}/stage2",), kind="unlearn"))
+                 *stage_flags(plan, "unlearn", method.unlearn or {})),),
+                (f"seed{seed}/{method.base}/stage2",), kind="unlearn"))
     for method in plan.methods:
         stage2, folder = os.path.join(root, method.name, "stage2"), os.path.join(root, method.name, "eval_stage2")
         phases.append(Phase(f"seed{seed}/{method.name}/eval_stage2", folder,

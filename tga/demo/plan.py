@@ -16,7 +16,8 @@ import yaml
 
 from tga.errors import ConfigError
 
-PLAN_KEYS = {"assets", "seeds", "configs", "evaluation", "methods", "description"}
+PLAN_KEYS = {"assets", "seeds", "configs", "recipe", "evaluation", "methods", "description"}
+RECIPE_STAGES = ("stage1", "stage2", "unlearn")
 METHOD_KEYS = {"stage1", "stage2", "base", "unlearn", "description"}
 EVALUATION_DEFAULTS = {"max_new_tokens": 48, "batch_size": 64}
 
@@ -54,6 +55,8 @@ class Plan:
     evaluation: dict[str, Any]
     methods: tuple[Method, ...]
     source: str = ""
+    # flags added to every method's command of a stage, before the method's own (`{"stage1": {"num_train_epochs": 2}}`)
+    recipe: dict[str, dict[str, Any]] = field(default_factory=dict)
     # the full plan's training methods when `methods` was narrowed: a kept method still shares (runs or reuses) the
     # stage-1 run of the first of these with equal stage-1 options, and nothing else of that method runs
     stage1_owners: tuple[Method, ...] = ()
@@ -102,9 +105,14 @@ def parse_plan(data: Any, path: str = "<plan>") -> Plan:
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"{path}: seeds repeat: {seeds}")
     configs = _mapping(data.get("configs"), f"{path}: configs")
-    for stage in ("stage1", "stage2", "unlearn"):
+    for stage in RECIPE_STAGES:
         if stage not in configs:
             raise ConfigError(f"{path}: configs.{stage} (a recipe YAML) is required")
+    recipe = _mapping(data.get("recipe"), f"{path}: recipe")
+    unknown = set(recipe) - set(RECIPE_STAGES)
+    if unknown:
+        raise ConfigError(f"{path}: recipe has unknown keys {sorted(unknown)}; allowed: {list(RECIPE_STAGES)}")
+    recipe = {stage: _mapping(flags, f"{path}: recipe.{stage}") for stage, flags in recipe.items()}
     evaluation = {**EVALUATION_DEFAULTS, **_mapping(data.get("evaluation"), f"{path}: evaluation")}
     unknown = set(evaluation) - set(EVALUATION_DEFAULTS)
     if unknown:
@@ -122,7 +130,7 @@ def parse_plan(data: Any, path: str = "<plan>") -> Plan:
                                   f"of this plan ({sorted(names)})")
     return Plan(assets_size=str(assets.get("size", "full")), assets_seed=int(assets.get("seed", 0)),
                 seeds=tuple(seeds), configs={k: str(v) for k, v in configs.items()}, evaluation=evaluation,
-                methods=methods, source=path)
+                methods=methods, source=path, recipe=recipe)
 
 
 def load_plan(path: str) -> Plan:
