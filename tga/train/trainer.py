@@ -6,10 +6,10 @@ The training forward asks the LLM for its hidden states (never attentions); imag
 are mean-pooled at the target layers. The caption target C comes from a no-grad text-only pass of the same language
 model over the caption under the stage's system prompt (the `live` target of the paper and released code), or of a
 frozen copy of the language model taken when training starts (`frozen`: the target cannot drift or collapse with the
-model being trained). With centring, a running mean of caption states (`CaptionCenter`) is subtracted from the image,
-caption and retrieved states before the cosines, so the loss rewards content rather than the direction all caption
-states share. Toxic records and records without a caption are not in the guide loss (the collator leaves them out of
-`guide_index`).
+model being trained); the pass stops after the deepest target layer (`tga.model.text_states`). With centring, a
+running mean of caption states (`CaptionCenter`) is subtracted from the image, caption and retrieved states before the
+cosines, so the loss rewards content rather than the direction all caption states share. Toxic records and records
+without a caption are not in the guide loss (the collator leaves them out of `guide_index`).
 
 [IMPORTANT] Under multi-rank ZeRO-3 every rank must run the same modules in the same order in every step:
 parameters are gathered with collectives. The trainer then builds the input embeddings itself (as Llava's forward
@@ -31,6 +31,7 @@ from transformers import Trainer
 from tga.align import guide_loss, pool_layers
 from tga.align.centering import CaptionCenter
 from tga.data.sampler import ModalityLengthGroupedSampler
+from tga.model.text_states import text_hidden_states
 from tga.train.running_means import RunningMeans
 from tga.train.throughput import Throughput
 
@@ -149,8 +150,8 @@ class TGATrainer(Trainer):
             ids = torch.full((1, 1), self.processing_class.pad_token_id, device=self.args.device)
             attention, mask = torch.ones_like(ids, dtype=torch.bool), None
         if mask is not None or self.always_run_all_modules:
-            with torch.no_grad():
-                hidden = language_model(input_ids=ids, attention_mask=attention, output_hidden_states=True).hidden_states
+            with torch.no_grad():  # stops after the deepest target layer: the layers above cannot change its states
+                hidden = text_hidden_states(language_model, ids, attention, depth=max(self.guide.layers))
         if mask is None:
             return torch.zeros(len(self.guide.layers), 0, hidden_size, device=self.args.device)
         return pool_layers(hidden, self.guide.layers, mask)

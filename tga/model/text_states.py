@@ -1,0 +1,55 @@
+"""tga/model/text_states.py
+
+The hidden states of a decoder-only language model up to a given depth, without running the layers above it.
+
+TGA's caption target is read at the target layers only, and `--tga_layers auto` ends at the activation layer (about
+the middle of a 7B model's stack, layer 1 of 6 in the demo world), so the no-grad caption pass of every training
+step can stop after the deepest target layer. The states are those of the full forward at the same indices: the
+same modules run on the same inputs in the same order (embedding, rotary position embedding, causal mask, decoder
+layers); nothing above the depth can change them, since each layer reads only the one below. Models without that
+layout (or a depth that reaches the final norm) take the full forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+PARTIAL_ATTRIBUTES = ("embed_tokens", "rotary_emb", "layers", "norm")
+
+
+def supports_partial_pass(language_model) -> bool:
+    """Whether `language_model` has the Llama/Mistral/Qwen2 layout that `text_hidden_states` runs layer by layer."""
+    return all(hasattr(language_model, name) for name in PARTIAL_ATTRIBUTES)
+
+
+def text_hidden_states(language_model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                       depth: int) -> tuple[torch.Tensor, ...]:
+    """`hidden_states[0 .. depth]` of `language_model(input_ids, attention_mask, output_hidden_states=True)`.
+
+    Args:
+        language_model: the decoder stack (`LlavaModel.language_model`, e.g. a `MistralModel`).
+        input_ids: [B, T] token ids.
+        attention_mask: [B, T] (1 = token, 0 = padding) or None.
+        depth: the deepest hidden-state index needed (0 = embedding output, j = output of decoder layer j).
+
+    Returns:
+        A tuple of depth + 1 tensors [B, T, H] (the full model's tuple when the depth reaches the last layer, whose
+        state the model returns after its final norm).
+    """
+    config = language_model.config
+    if depth >= config.num_hidden_layers or not supports_partial_pass(language_model):
+        return language_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                              use_cache=False).hidden_states
+    embeds = language_model.embed_tokens(input_ids)
+    position_ids = torch.arange(embeds.shape[1], device=embeds.device).unsqueeze(0)
+    # the mask function the model's own forward picks (Mistral v0.1 configs carry a sliding window)
+    make_mask = create_causal_mask if getattr(config, "sliding_window", None) is None else create_sliding_window_causal_mask
+    mask = make_mask(config=config, inputs_embeds=embeds, attention_mask=attention_mask, past_key_values=None,
+                     position_ids=position_ids)
+    position_embeddings = language_model.rotary_emb(embeds, position_ids=position_ids)
+    states = [embeds]
+    for layer in language_model.layers[:depth]:
+        states.append(layer(states[-1], attention_mask=mask, position_ids=position_ids,
+                            position_embeddings=position_embeddings))
+    return tuple(states)
