@@ -173,6 +173,15 @@ def test_the_shipped_plans_parse():
     assert study.recipe["stage1"]["num_train_epochs"] == study.recipe["stage2"]["num_train_epochs"] == 2
 
 
+def test_phase_seconds_count_built_steps_not_copied_models():
+    from tga.demo.report import phase_seconds
+
+    phases = {"assets": {"seconds": 0.2}, "retrieval": {"seconds": 20.0}, "seed0/llava/stage1": {"seconds": 50.0}}
+    steps = {"world": {"seconds": 30.0}, "clip": {"seconds": 503.0, "prebuilt": True},
+             "llm": {"seconds": 206.0, "prebuilt": False}}
+    assert phase_seconds(phases, steps) == pytest.approx(20.0 + 50.0 + 30.0 + 206.0)
+
+
 def test_recipe_flags_reach_every_method_and_the_method_wins(tmp_path):
     from tga.demo.pipeline import seed_phases
 

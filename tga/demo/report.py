@@ -212,6 +212,14 @@ def _markdown(plan: Plan, methods: dict, context: dict) -> str:
     return "\n".join(lines)
 
 
+def phase_seconds(phases: dict, asset_steps: dict) -> float:
+    """The time every phase took when it ran. The assets phase always runs (it skips finished steps), so its own
+    record of a rerun is ~0 s: its steps count instead, except models copied from the shipped ones (their seconds are
+    the shipped build's training, not this run's)."""
+    return (sum(record["seconds"] for name, record in phases.items() if name != "assets")
+            + sum(step["seconds"] for step in asset_steps.values() if not step.get("prebuilt")))
+
+
 def write_report(plan: Plan, out: str, run: dict) -> dict:
     """Collect the metrics of a finished run and write report.json, report.md and the plots into `out`."""
     methods = collect(plan, out)
@@ -234,9 +242,7 @@ def write_report(plan: Plan, out: str, run: dict) -> dict:
                                  if step.get("prebuilt")}
     context["phases"] = len(run["phases"])
     context["reused"] = sum(bool(record["cached"]) for record in run["phases"].values())
-    # the assets phase always runs (it skips finished steps), so its own record of a rerun is ~0 s: count its steps
-    context["phase_seconds"] = (sum(record["seconds"] for name, record in run["phases"].items() if name != "assets")
-                                + sum(step["seconds"] for step in assets.get("steps", {}).values()))
+    context["phase_seconds"] = phase_seconds(run["phases"], assets.get("steps", {}))
     report = {"plan": plan.source, "seeds": list(plan.seeds), "methods": methods, "context": context,
               "phases": {name: {k: record[k] for k in ("seconds", "cached", "commands")}
                          for name, record in run["phases"].items()}}
