@@ -40,6 +40,22 @@ def test_states_equal_the_full_forward_at_every_depth(model_class, config):
                 assert torch.equal(got, expected)
 
 
+def test_other_model_types_take_the_full_forward():
+    """Gemma scales its embeddings inside its forward: a layer-by-layer pass would give other states."""
+    from transformers import GemmaConfig, GemmaModel
+
+    from tga.model.text_states import supports_partial_pass
+
+    torch.manual_seed(0)
+    model = GemmaModel(GemmaConfig(**SIZES, head_dim=8)).eval()
+    assert not supports_partial_pass(model)
+    ids, attention = padded_batch()
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=attention, output_hidden_states=True).hidden_states
+        states = text_hidden_states(model, ids, attention, depth=1)
+    assert len(states) == len(full) and all(torch.equal(a, b) for a, b in zip(states, full))
+
+
 def test_layers_above_the_depth_do_not_run():
     torch.manual_seed(0)
     model = MistralModel(MistralConfig(**SIZES)).eval()

@@ -6,8 +6,9 @@ TGA's caption target is read at the target layers only, and `--tga_layers auto` 
 the middle of a 7B model's stack, layer 1 of 6 in the demo world), so the no-grad caption pass of every training
 step can stop after the deepest target layer. The states are those of the full forward at the same indices: the
 same modules run on the same inputs in the same order (embedding, rotary position embedding, causal mask, decoder
-layers); nothing above the depth can change them, since each layer reads only the one below. Models without that
-layout (or a depth that reaches the final norm) take the full forward.
+layers); nothing above the depth can change them, since each layer reads only the one below. Only model types whose
+forward is exactly that sequence take this path (Llama, Mistral: tested bit for bit); others (Gemma scales its
+embeddings, Qwen2 picks a mask per layer) and a depth that reaches the final norm take the full forward.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from __future__ import annotations
 import torch
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-PARTIAL_ATTRIBUTES = ("embed_tokens", "rotary_emb", "layers", "norm")
+PARTIAL_MODEL_TYPES = ("llama", "mistral")  # forward = embed, rotary, causal mask, layers, norm; nothing else
 
 
 def supports_partial_pass(language_model) -> bool:
-    """Whether `language_model` has the Llama/Mistral/Qwen2 layout that `text_hidden_states` runs layer by layer."""
-    return all(hasattr(language_model, name) for name in PARTIAL_ATTRIBUTES)
+    """Whether `language_model`'s forward is the plain sequence that `text_hidden_states` runs layer by layer."""
+    return getattr(language_model.config, "model_type", None) in PARTIAL_MODEL_TYPES
 
 
 def text_hidden_states(language_model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
