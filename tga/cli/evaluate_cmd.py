@@ -109,7 +109,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `tga evaluate dsr|vqa`."""
+    """Add `tga evaluate dsr|vqa|bench`."""
     parser = subparsers.add_parser("evaluate", help="safety (DSR) and utility (VQA) evaluation")
     kinds = parser.add_subparsers(dest="evaluation", required=True, metavar="EVALUATION")
 
@@ -130,3 +130,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_common(vqa)
     vqa.set_defaults(func=_vqa)
+
+    from tga.cli import bench_cmd
+
+    bench_cmd.add_parser(kinds)
