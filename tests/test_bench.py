@@ -235,3 +235,25 @@ def test_every_bench_option_has_help_and_the_set_valued_ones_choices():
     assert all(a.help for a in options)
     with_choices = {a.dest for a in options if a.choices}
     assert {"benchmark", "judge", "refusal_keywords", "image_types", "subsets", "hades_steps", "dtype"} <= with_choices
+
+
+def test_scenes_dsr_equals_tga_evaluate_dsr_micro_dsr(tmp_path):
+    from tga.safety.evaluate import run_dsr
+    from tga.safety.judge import KeywordJudge
+    from tga.safety.scenes import load_scene_items
+
+    WRITERS["scenes"](str(tmp_path / "scenes"))
+    for i, colour in enumerate([(255, 0, 0), (0, 0, 255)]):  # two more images of a different colour
+        from PIL import Image
+
+        Image.new("RGB", (8, 8), colour).save(tmp_path / "scenes" / "gun" / f"x{i}.png")
+
+    def model(images, requests):
+        return [REFUSAL if image.getpixel((0, 0)) == (255, 0, 0) else COMPLY for image in images]
+
+    dsr = run_dsr(model, KeywordJudge(), load_scene_items(str(tmp_path / "scenes")), str(tmp_path / "dsr"))
+    bench = run_bench(model, KeywordBenchJudge("project"), read_benchmark("scenes", str(tmp_path / "scenes")),
+                      str(tmp_path / "bench"))["benchmarks"]["scenes"]
+    assert 0 < dsr["micro_dsr"] < 1 and bench["dsr"] == pytest.approx(dsr["micro_dsr"])
+    assert {s: b["dsr"] for s, b in bench["per_category"].items()} == pytest.approx(
+        {s: v["dsr"] for s, v in dsr["per_scene"].items()})
