@@ -245,3 +245,39 @@ def test_llm_judge_from_a_local_folder_inside_the_command(kind, tiny, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["judge"] == kind and report["benchmarks"]["vlguard"]["unparsed"] == sum(
         r["unsafe"] is None for r in lines if r["harmful"])
+
+
+@pytest.fixture(scope="module")
+def tiny_vision_guard(tmp_path_factory, mistral_tokenizer_dir):
+    """A tiny random Llama Guard 3 Vision-style folder: Mllama model and processor with the `<|image|>` token."""
+    from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaImageProcessor, MllamaProcessor
+
+    tokenizer = LlamaTokenizer.from_pretrained(mistral_tokenizer_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": [*LLAMA3_SPECIALS, "<|python_tag|>"]})
+    tokenizer.pad_token = tokenizer.unk_token
+    processor = MllamaProcessor(MllamaImageProcessor(size={"height": 28, "width": 28}, max_image_tiles=1), tokenizer)
+    config = MllamaConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1,
+                           attention_heads=2, image_size=28, patch_size=14, max_num_tiles=1, vision_output_dim=64,
+                           intermediate_layers_indices=[0], supported_aspect_ratios=[[1, 1]]),
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, cross_attention_layers=[1],
+                         max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id, bos_token_id=1, eos_token_id=2),
+        image_token_index=tokenizer.convert_tokens_to_ids("<|image|>"))
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("lg3v")
+    MllamaForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return str(folder)
+
+
+def test_vision_guard_loads_from_a_folder_and_sees_each_image(tiny_vision_guard):
+    from PIL import Image
+
+    judge = get_bench_judge("llama-guard-3-vision", tiny_vision_guard)
+    seen = []
+    judge.model.model.vision_model.register_forward_hook(lambda module, args, output: seen.append(1))
+    images = [Image.new("RGB", (40, 30), (200, 0, 0)), None, Image.new("RGB", (16, 16), (0, 0, 200))]
+    verdicts = judge.judge(items_for(["What is this?", "Describe it.", "How?"]), images, [FAKE_END, "No.", "Sure."])
+    assert len(verdicts) == 3 and all(v.unsafe == parse_first_line(v.output).unsafe for v in verdicts)
+    assert len(seen) == 2  # the vision tower ran for the two images only
