@@ -219,7 +219,7 @@ def test_command_end_to_end_on_every_format(name, checkpoint, tmp_path, capsys):
     lines = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     assert len(lines) == EXPECTED_ITEMS[name] and all(isinstance(r["answer"], str) for r in lines)
     report = json.loads((out / "report.json").read_text())
-    assert report == json.loads(json.dumps(bench_report(lines, judge="keyword-gcg", refusal_keywords="project")))
+    assert report == json.loads(json.dumps(bench_report(lines, judge="keyword-gcg", refusal_keywords="gcg")))
     assert report["benchmarks"][name]["harmful"] + report["benchmarks"][name]["benign"] == EXPECTED_ITEMS[name]
     assert "results in" in capsys.readouterr().out
     assert main(argv) == 0  # a rerun resumes: nothing left to answer, the same report

@@ -1,8 +1,8 @@
 """tga/bench/report.py
 
 Writes a benchmark report: `report.json` (everything `metrics.bench_report` computes), `report.md` (tables per
-benchmark, naming the judge and the refusal keywords) and `report.png` (ASR per category, and over-refusal where a
-benchmark has benign items), drawn with matplotlib's object API on the Agg canvas.
+benchmark, naming the judge and the refusal keywords) and `report.png` (ASR per category and per image type, and
+over-refusal where a benchmark has benign items), drawn with matplotlib's object API on the Agg canvas.
 """
 
 from __future__ import annotations
@@ -47,25 +47,29 @@ def report_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _panel(axes, bars: list[tuple[str, float]], colour: str, label: str) -> None:
+    axes.barh(range(len(bars)), [value for _, value in bars], color=colour)
+    axes.set_yticks(range(len(bars)), [name for name, _ in bars], fontsize=7)
+    axes.set_xlim(0, 1)
+    axes.set_xlabel(label)
+    axes.invert_yaxis()
+
+
 def plot_report(report: dict[str, Any], path: str) -> None:
-    """Bars of ASR per (benchmark, category), and of over-refusal per benchmark with benign items."""
-    bars = [(f"{name}: {cat}", s["asr"]) for name, b in report["benchmarks"].items()
-            for cat, s in b["per_category"].items() if s["asr"] is not None]
-    refusals = [(name, b["over_refusal"]) for name, b in report["benchmarks"].items() if b["over_refusal"] is not None]
-    figure = Figure(figsize=(9, 0.3 * (len(bars) + len(refusals)) + 2))
-    axes = figure.subplots(1, 2 if refusals else 1, squeeze=False)[0]
-    labels = [label for label, _ in bars] or ["(no harmful items)"]
-    axes[0].barh(range(len(labels)), [value for _, value in bars] or [0.0], color="#c44e52")
-    axes[0].set_yticks(range(len(labels)), labels, fontsize=7)
-    axes[0].set_xlim(0, 1)
-    axes[0].set_xlabel(f"attack success rate (judge: {report['judge']})")
-    axes[0].invert_yaxis()
-    if refusals:
-        axes[1].barh(range(len(refusals)), [value for _, value in refusals], color="#4c72b0")
-        axes[1].set_yticks(range(len(refusals)), [label for label, _ in refusals], fontsize=7)
-        axes[1].set_xlim(0, 1)
-        axes[1].set_xlabel(f"over-refusal (keywords: {report['refusal_keywords']})")
-        axes[1].invert_yaxis()
+    """Bars of ASR per (benchmark, category) and per (benchmark, image type) where a benchmark has several, and of
+    over-refusal per benchmark with benign items."""
+    benchmarks = report["benchmarks"].items()
+    panels = [([(f"{name}: {cat}", s["asr"]) for name, b in benchmarks for cat, s in b["per_category"].items()
+                if s["asr"] is not None], "#c44e52", f"ASR per category (judge: {report['judge']})"),
+              ([(f"{name}: {kind}", s["asr"]) for name, b in benchmarks if len(b["per_image_type"]) > 1
+                for kind, s in b["per_image_type"].items() if s["asr"] is not None], "#dd8452", "ASR per image type"),
+              ([(name, b["over_refusal"]) for name, b in benchmarks if b["over_refusal"] is not None], "#4c72b0",
+               f"over-refusal (keywords: {report['refusal_keywords']})")]
+    panels = [panel for panel in panels if panel[0]] or [([("(no judged items)", 0.0)], "#c44e52", "ASR")]
+    rows = max(len(bars) for bars, _, _ in panels)
+    figure = Figure(figsize=(4.5 * len(panels) + 1, 0.3 * rows + 1.8))
+    for axes, (bars, colour, label) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
+        _panel(axes, bars, colour, label)
     FigureCanvasAgg(figure)
     figure.tight_layout()
     figure.savefig(path, dpi=110)

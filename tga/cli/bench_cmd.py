@@ -63,8 +63,10 @@ def _bench(args: argparse.Namespace) -> int:
         "judge_model": os.path.abspath(args.judge_model) if args.judge_model else None,
         **{k: v for k, v in _reader_options(args).items()},
     }
+    refusal_keywords = args.refusal_keywords or (
+        args.judge.removeprefix("keyword-") if args.judge.startswith("keyword-") else "project")
     report = run_bench(ModelBundle(chat, args.max_new_tokens, os.path.basename(os.path.abspath(args.model))), judge,
-                       items, args.out, refusal_keywords=args.refusal_keywords, batch_size=args.batch_size,
+                       items, args.out, refusal_keywords=refusal_keywords, batch_size=args.batch_size,
                        settings=settings, overwrite=args.overwrite)
     print(report_markdown(report), end="")
     print(f"results in {args.out}")
@@ -81,8 +83,9 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
     bench.add_argument("--judge", choices=list(JUDGES), default="keyword-project",
                        help="who decides whether an answer is unsafe (keyword presets or an LLM judge)")
     bench.add_argument("--judge_model", default=None, help="local HF folder of the LLM judge (llama-guard-3*, md-judge)")
-    bench.add_argument("--refusal_keywords", choices=list(PRESETS), default="project",
-                       help="keyword preset that decides refusals, for over-refusal on benign items")
+    bench.add_argument("--refusal_keywords", choices=list(PRESETS), default=None,
+                       help="keyword preset that decides refusals (over-refusal on benign items); default: the "
+                            "keyword judge's own preset, or project with an LLM judge")
     bench.add_argument("--image_types", nargs="+", choices=list(QUESTION_FOR_TYPE), default=list(IMAGE_TYPES),
                        help="MM-SafetyBench image types to ask (text_only: the original question, no image)")
     bench.add_argument("--subsets", nargs="+", choices=list(SUBSETS), default=list(SUBSETS),
