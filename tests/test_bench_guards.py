@@ -274,7 +274,9 @@ def tiny_vision_guard(tmp_path_factory, mistral_tokenizer_dir):
 def test_vision_guard_loads_from_a_folder_and_sees_each_image(tiny_vision_guard):
     from PIL import Image
 
-    judge = get_bench_judge("llama-guard-3-vision", tiny_vision_guard)
+    # bfloat16, as `--device auto` loads it on a GPU
+    judge = get_bench_judge("llama-guard-3-vision", tiny_vision_guard, dtype="bfloat16")
+    assert next(judge.model.parameters()).dtype == torch.bfloat16
     seen = []
     judge.model.model.vision_model.register_forward_hook(lambda module, args, output: seen.append(1))
     images = [Image.new("RGB", (40, 30), (200, 0, 0)), None, Image.new("RGB", (16, 16), (0, 0, 200))]

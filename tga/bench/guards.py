@@ -181,11 +181,12 @@ class VisionGuardJudge:
     @torch.no_grad()
     def judge(self, items: Sequence[Any], images: Sequence[Any], answers: Sequence[str]) -> list[Verdict]:
         verdicts = []
-        device = next(self.model.parameters()).device
+        weight = next(self.model.parameters())
         for item, image, answer in zip(items, images, answers):
             prompt = self.build_prompt(item.judge_text, answer, image=image is not None)
+            # pixel values in the judge's dtype (bfloat16 on a GPU); token ids stay integers
             inputs = self.processor(text=prompt, images=None if image is None else [image], return_tensors="pt",
-                                    add_special_tokens=False).to(device)
+                                    add_special_tokens=False).to(weight.device, dtype=weight.dtype)
             output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
             text = self.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
             verdicts.append(parse_first_line(text))
