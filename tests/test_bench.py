@@ -258,3 +258,18 @@ def test_scenes_dsr_equals_tga_evaluate_dsr_micro_dsr(tmp_path):
     assert 0 < dsr["micro_dsr"] < 1 and bench["dsr"] == pytest.approx(dsr["micro_dsr"])
     assert {s: b["dsr"] for s, b in bench["per_category"].items()} == pytest.approx(
         {s: v["dsr"] for s, v in dsr["per_scene"].items()})
+
+
+def test_command_errors_are_one_line_and_come_before_any_model_load(tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")  # passes the folder check; loading it would fail
+    write_vlguard(str(tmp_path / "vlguard"))
+    os.remove(tmp_path / "vlguard" / "test" / "safe" / "c.png")
+    argv = ["evaluate", "bench", "--benchmark", "vlguard", "--data", str(tmp_path / "vlguard"), "--model", str(model),
+            "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("tga evaluate: error:") and "record 's2' image not found" in error and "\n" not in error
+    assert main([*argv[:-2], "--out", str(tmp_path / "out"), "--limit", "0"]) == 2
+    assert "--limit must be >= 1" in capsys.readouterr().err
