@@ -22,7 +22,7 @@ from tga.errors import ConfigError
 from tga.model.lora import has_lora_keys, merge_lora_checkpoint_state
 from tga.model.projector import DEFAULT_PROJECTOR, build_projector
 from tga.model.tokenizer import load_tokenizer
-from tga.model.vision import load_image_processor
+from tga.model.vision import folder_aspect_ratio, load_image_processor, run_settings
 from tga.model.vlm import is_vlm_checkpoint, load_vlm
 from tga.train.checkpoint import build_processor
 
@@ -37,27 +37,20 @@ def has_weights(path: str) -> bool:
     return any(os.path.exists(os.path.join(path, name)) for name in ("model.safetensors", "model.safetensors.index.json"))
 
 
-def vision_tower_of_run(path: str) -> str | None:
-    """The vision tower a run was trained with, from the resolved config the run wrote at start."""
-    for folder in (path, os.path.dirname(os.path.abspath(path))):
-        config_file = os.path.join(folder, "tga_config.json")
-        if os.path.exists(config_file):
-            with open(config_file, encoding="utf-8") as handle:
-                return json.load(handle).get("ModelArguments", {}).get("vision_tower")
-    return None
-
-
 def image_processor_for(path: str):
+    """The image processor to save with an export of `path`: its own (or its run's vision tower's), padding as its
+    training did (an older folder's CLIPImageProcessor is replaced by the padding one its run used)."""
+    aspect_ratio = folder_aspect_ratio(path)
     if os.path.exists(os.path.join(path, "preprocessor_config.json")) or os.path.exists(
             os.path.join(path, "processor_config.json")):
         try:
-            return load_image_processor(path)
+            return load_image_processor(path, aspect_ratio)
         except (OSError, ValueError):
             pass
-    tower = vision_tower_of_run(path)
+    tower = run_settings(path).get("ModelArguments", {}).get("vision_tower")
     if tower is None:
         raise ConfigError(f"{path}: no image processor and no tga_config.json naming the vision tower")
-    return load_image_processor(tower)
+    return load_image_processor(tower, aspect_ratio)
 
 
 def model_from_deepspeed_checkpoint(path: str) -> LlavaForConditionalGeneration:
