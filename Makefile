@@ -14,7 +14,7 @@ PIP_INSTALL := $(BIN)/pip install --quiet --no-compile
 # demo phases side by side, each with cores / jobs threads (same numbers; on 2 cores no faster, see docs/demo.md)
 DEMO_JOBS ?= 1
 
-.PHONY: install test test-fast demo demo-seeds demo-models demo-tiny lint format clean
+.PHONY: install eval-env test test-fast demo demo-seeds demo-models demo-tiny lint format clean
 
 install: $(STAMP)
 
@@ -26,7 +26,22 @@ $(STAMP): setup.py
 	$(PIP_INSTALL) -e ".[dev]"
 	touch $(STAMP)
 
-test: install
+# lmms-eval in its own environment layered on $(VENV): a .pth file puts the project's packages behind its own, so it
+# runs on the project's torch and transformers while its pins (wandb, filelock<4) stay out of $(VENV); see
+# requirements-eval.txt. tests/test_lmms_eval.py runs it on a tiny exported model.
+EVAL_VENV ?= .venv-eval
+EVAL_STAMP := $(EVAL_VENV)/.installed
+
+eval-env: $(EVAL_STAMP)
+
+$(EVAL_STAMP): requirements-eval.txt $(STAMP)
+	$(PYTHON) -m venv $(EVAL_VENV)
+	$(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
+		> "$$($(EVAL_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/tga_base_env.pth"
+	$(EVAL_VENV)/bin/pip install --quiet --no-compile -r requirements-eval.txt
+	touch $(EVAL_STAMP)
+
+test: install eval-env
 	$(BIN)/pytest -q
 
 test-fast: install

@@ -73,3 +73,31 @@ def test_import_folder_loads_with_plain_transformers_and_bad_keys_are_listed(tin
     save_file(state, str(tmp_path / "llava" / "model.safetensors"))
     with pytest.raises(ConfigError, match="model.extra_module.weight"):
         import_llava(str(tmp_path / "llava"))
+
+
+@pytest.mark.parametrize("aspect_ratio", ["pad", None, "anyres"])
+def test_import_saves_the_processor_of_the_checkpoints_aspect_ratio(tiny_assets, tmp_path, aspect_ratio):
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from tga.data.dataset import pad_to_square
+
+    source = str(tmp_path / "llava")
+    write_llava_checkpoint(source, tiny_assets["vision"], "llava_mistral")
+    with open(os.path.join(source, "config.json")) as handle:
+        config = json.load(handle)
+    if aspect_ratio is not None:
+        config["image_aspect_ratio"] = aspect_ratio
+    with open(os.path.join(source, "config.json"), "w") as handle:
+        json.dump(config, handle)
+    if aspect_ratio == "anyres":
+        with pytest.raises(ConfigError, match="anyres"):
+            import_llava(source)
+        return
+    processor = AutoProcessor.from_pretrained(import_llava_folder(source, str(tmp_path / "hf"))).image_processor
+    image = Image.effect_noise((40, 18), 60).convert("RGB")
+    tower = AutoProcessor.from_pretrained(tiny_assets["vision"])  # the tower's CLIP processor: resize + centre crop
+    # LLaVA-1.5 (`pad`) pads with the mean colour before the tower's processor; without the field it does not pad
+    reference = pad_to_square(image, tuple(int(255 * c) for c in tower.image_mean)) if aspect_ratio == "pad" else image
+    expected = tower(images=reference, return_tensors="pt")["pixel_values"]
+    assert torch.equal(processor(images=image, return_tensors="pt")["pixel_values"], expected)

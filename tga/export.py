@@ -6,6 +6,7 @@ template). SOURCE is a stage-2 output folder, a stage-1 folder saved with `--sav
 checkpoint folder (`checkpoint-N` holding `global_stepN/` ZeRO shards), whose shards are consolidated with
 DeepSpeed's own `get_fp32_state_dict_from_zero_checkpoint`. Checkpoints of a LoRA run (`--lora_enable`) hold the
 adapters unmerged; they are merged here (alpha from the run's tga_config.json), so the export is always a plain model.
+`--layout transformers4` rewrites the folder for transformers 4.x (tga/export_transformers4.py).
 """
 
 from __future__ import annotations
@@ -19,14 +20,16 @@ from transformers import AutoConfig, LlavaForConditionalGeneration
 
 from tga.data.chat_templates import chat_template
 from tga.errors import ConfigError
+from tga.export_transformers4 import convert_to_transformers4
 from tga.model.lora import has_lora_keys, merge_lora_checkpoint_state
 from tga.model.projector import DEFAULT_PROJECTOR, build_projector
 from tga.model.tokenizer import load_tokenizer
-from tga.model.vision import load_image_processor
+from tga.model.vision import folder_aspect_ratio, load_image_processor, run_settings
 from tga.model.vlm import is_vlm_checkpoint, load_vlm
 from tga.train.checkpoint import build_processor
 
 FORMATS = ("hf-llava",)
+LAYOUTS = ("transformers5", "transformers4")  # the key names, config fields and tokenizer files of that version
 
 
 def is_deepspeed_checkpoint(path: str) -> bool:
@@ -37,27 +40,20 @@ def has_weights(path: str) -> bool:
     return any(os.path.exists(os.path.join(path, name)) for name in ("model.safetensors", "model.safetensors.index.json"))
 
 
-def vision_tower_of_run(path: str) -> str | None:
-    """The vision tower a run was trained with, from the resolved config the run wrote at start."""
-    for folder in (path, os.path.dirname(os.path.abspath(path))):
-        config_file = os.path.join(folder, "tga_config.json")
-        if os.path.exists(config_file):
-            with open(config_file, encoding="utf-8") as handle:
-                return json.load(handle).get("ModelArguments", {}).get("vision_tower")
-    return None
-
-
 def image_processor_for(path: str):
+    """The image processor to save with an export of `path`: its own (or its run's vision tower's), padding as its
+    training did (an older folder's CLIPImageProcessor is replaced by the padding one its run used)."""
+    aspect_ratio = folder_aspect_ratio(path)
     if os.path.exists(os.path.join(path, "preprocessor_config.json")) or os.path.exists(
             os.path.join(path, "processor_config.json")):
         try:
-            return load_image_processor(path)
+            return load_image_processor(path, aspect_ratio)
         except (OSError, ValueError):
             pass
-    tower = vision_tower_of_run(path)
+    tower = run_settings(path).get("ModelArguments", {}).get("vision_tower")
     if tower is None:
         raise ConfigError(f"{path}: no image processor and no tga_config.json naming the vision tower")
-    return load_image_processor(tower)
+    return load_image_processor(tower, aspect_ratio)
 
 
 def model_from_deepspeed_checkpoint(path: str) -> LlavaForConditionalGeneration:
@@ -115,8 +111,10 @@ def load_merged_lora_folder(path: str) -> LlavaForConditionalGeneration:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def export_hf_llava(source: str, out_dir: str) -> str:
-    """Write an HF-native Llava folder for `source`; returns `out_dir`."""
+def export_hf_llava(source: str, out_dir: str, layout: str = "transformers5") -> str:
+    """Write an HF-native Llava folder for `source` in the layout of `layout`'s transformers; returns `out_dir`."""
+    if layout not in LAYOUTS:
+        raise ConfigError(f"--layout `{layout}` must be one of {list(LAYOUTS)}")
     if not os.path.isdir(source):
         raise ConfigError(f"export source not found: {source}")
     if has_weights(source) and is_vlm_checkpoint(source):
@@ -135,4 +133,6 @@ def export_hf_llava(source: str, out_dir: str) -> str:
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     build_processor(model, tokenizer, image_processor_for(source)).save_pretrained(out_dir)
+    if layout == "transformers4":
+        convert_to_transformers4(out_dir)
     return out_dir

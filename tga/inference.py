@@ -17,7 +17,7 @@ from tga.data.dataset import SampleBuilder
 from tga.data.templates import IMAGE_PLACEHOLDER, Message, get_template
 from tga.data.tokenize import ROLE_ID, Encoded
 from tga.model.tokenizer import image_token_id, load_tokenizer
-from tga.model.vision import load_image_processor
+from tga.model.vision import folder_aspect_ratio, load_image_processor
 from tga.model.vlm import load_vlm
 
 
@@ -30,11 +30,12 @@ class HiddenStates:
 
 
 class ChatModel:
-    def __init__(self, model, tokenizer, image_processor, template_name: str):
+    def __init__(self, model, tokenizer, image_processor, template_name: str, image_aspect_ratio: str = "pad"):
         self.model, self.tokenizer, self.template_name = model.eval(), tokenizer, template_name
         self.builder = SampleBuilder(
             tokenizer=tokenizer, template=get_template(template_name), image_processor=image_processor,
             image_folder=None, image_token_id=image_token_id(tokenizer), num_image_tokens=model.config.image_seq_length,
+            image_aspect_ratio=image_aspect_ratio,
         )
 
     @property
@@ -103,4 +104,5 @@ def load_chat_model(model_dir: str, *, device: str = "cpu", dtype: torch.dtype |
     model = load_vlm(model_dir, dtype=dtype or torch.float32).to(device)
     tokenizer = load_tokenizer(model_dir)
     template = template or getattr(model.config, "tga_template", None) or "llava_llama_2"
-    return ChatModel(model, tokenizer, load_image_processor(model_dir), template)
+    aspect_ratio = folder_aspect_ratio(model_dir)  # images are shaped as in the folder's training
+    return ChatModel(model, tokenizer, load_image_processor(model_dir, aspect_ratio), template, aspect_ratio)

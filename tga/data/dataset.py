@@ -77,7 +77,8 @@ class SampleBuilder:
                                      Image.Resampling.BICUBIC)
             mean = getattr(self.image_processor, "image_mean", [0.5, 0.5, 0.5])
             image = pad_to_square(image, tuple(int(channel * 255) for channel in mean))
-        return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        # The padding (with the size cap) is done above; a processor saved for `pad` must not decide it again.
+        return self.image_processor(images=image, return_tensors="pt", do_pad=False)["pixel_values"][0]
 
     def encode(self, segments, record_id: str):
         try:

@@ -27,6 +27,9 @@ from tga.train.checkpoint import build_processor, llava_projector_state
 TEXT_CONFIGS = {"llava_mistral": (MistralConfig, "mistral_instruct"), "llava_llama": (LlamaConfig, "vicuna_v1"),
                 "llava": (LlamaConfig, "vicuna_v1")}
 _FEATURE = {"patch": "patch", "cls_patch": "cls_patch"}
+# LLaVA's `image_aspect_ratio`: `pad` pads to a square; anything else it does not know (or none) is the processor's
+# own resize and centre crop. `anyres` (LLaVA-NeXT tiling) has no equivalent in the fixed-size HF Llava.
+_ASPECT = {"pad": "pad", None: "resize", "resize": "resize", "square": "resize"}
 
 
 def read_state(folder: str) -> dict[str, torch.Tensor]:
@@ -43,7 +46,8 @@ def read_state(folder: str) -> dict[str, torch.Tensor]:
 
 
 def import_llava(source: str, *, vision_tower: str | None = None, template: str | None = None):
-    """The HF Llava model, tokenizer and image processor of an original LLaVA checkpoint folder."""
+    """The HF Llava model, tokenizer and image processor (padding as the checkpoint's `image_aspect_ratio` says) of an
+    original LLaVA checkpoint folder."""
     with open(os.path.join(source, "config.json"), encoding="utf-8") as handle:
         raw = json.load(handle)
     if raw.get("model_type") not in TEXT_CONFIGS:
@@ -52,6 +56,9 @@ def import_llava(source: str, *, vision_tower: str | None = None, template: str 
     config_class, default_template = TEXT_CONFIGS[raw["model_type"]]
     known = set(config_class().to_dict())
     text_config = config_class(**{k: v for k, v in raw.items() if k in known and k not in ("model_type", "architectures")})
+    if raw.get("image_aspect_ratio") not in _ASPECT:
+        raise ConfigError(f"{source}: image_aspect_ratio {raw['image_aspect_ratio']!r} is not supported "
+                          f"(pad, resize or none); LLaVA-NeXT `anyres` checkpoints do not import")
     vision_tower = vision_tower or raw.get("mm_vision_tower")
     if not vision_tower:
         raise ConfigError(f"{source}: no mm_vision_tower in config.json; pass --vision_tower")
@@ -74,7 +81,7 @@ def import_llava(source: str, *, vision_tower: str | None = None, template: str 
     if set(projector_state) != expected:
         raise ConfigError(f"{source}: projector keys {sorted(projector_state)} do not match {sorted(expected)}")
     model.model.multi_modal_projector.load_state_dict(projector_state)
-    return model, tokenizer, load_image_processor(vision_tower)
+    return model, tokenizer, load_image_processor(vision_tower, _ASPECT[raw.get("image_aspect_ratio")])
 
 
 def import_llava_folder(source: str, out_dir: str, **kwargs) -> str:

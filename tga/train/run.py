@@ -45,21 +45,22 @@ def model_dtype(training_args) -> torch.dtype:
     return torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
 
 
-def build_model_and_processors(model_args, training_args):
-    """Tokenizer, VLM and image processor, from an LLM + vision tower or from a saved VLM folder."""
+def build_model_and_processors(model_args, training_args, aspect_ratio: str = "pad"):
+    """Tokenizer, VLM and image processor (padding as `aspect_ratio` says, and saved so), from an LLM + vision tower or
+    from a saved VLM folder."""
     source = model_args.model_name_or_path
     tokenizer = load_tokenizer(source, model_max_length=training_args.model_max_length)
     dtype = model_dtype(training_args)
     if is_vlm_checkpoint(source):
         model = load_vlm(source, dtype=dtype, attn_implementation=model_args.attn_implementation)
-        image_processor = load_image_processor(source)
+        image_processor = load_image_processor(source, aspect_ratio)
     else:
         model = build_vlm(
             source, model_args.vision_tower, tokenizer, projector_type=model_args.mm_projector_type,
             select_layer=model_args.mm_vision_select_layer, select_feature=model_args.mm_vision_select_feature,
             template=model_args.version, dtype=dtype, attn_implementation=model_args.attn_implementation,
         )
-        image_processor = load_image_processor(model_args.vision_tower)
+        image_processor = load_image_processor(model_args.vision_tower, aspect_ratio)
     model.config.tga_template = get_template(model_args.version).name
     model.config.use_cache = False
     return tokenizer, model, image_processor
@@ -131,7 +132,8 @@ def run_stage(stage: str, argv: list[str]) -> str:
                                      training_args)
     started = time.time()
     set_seed(training_args.seed)  # the resized embedding rows and the projector init are random
-    tokenizer, model, image_processor = build_model_and_processors(model_args, training_args)
+    tokenizer, model, image_processor = build_model_and_processors(model_args, training_args,
+                                                                   data_args.image_aspect_ratio)
     if model_args.pretrain_mm_mlp_adapter:
         load_projector(model, model_args.pretrain_mm_mlp_adapter)
     apply_stage(model, components)

@@ -89,7 +89,7 @@ def prepare_unlearning(argv: list[str]) -> UnlearnRun:
     dtype = model_dtype(training_args)
     model = load_vlm(args.model, dtype=dtype)
     model.config.use_cache = False
-    image_processor = load_image_processor(args.model)
+    image_processor = load_image_processor(args.model, args.image_aspect_ratio)
     dataset = build_unlearn_dataset(args, model, tokenizer, image_processor, training_args)
     apply_stage(model, {"llm"})
     llm_params = llm_parameter_count(model)

@@ -1,0 +1,109 @@
+"""`tga export --layout transformers4`: key names, config fields, tokenizer and processor files as transformers 4.x
+(and the llava-hf checkpoints) have them, checked against the 4.x module layout without installing transformers 4:
+4.x's Llava holds a `CLIPVisionModel` (keys `vision_model.*`) as `vision_tower` and a `*ForCausalLM` as
+`language_model`. transformers 5 loads the same folder to identical weights and logits."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from transformers import AutoProcessor, LlavaForConditionalGeneration, PreTrainedTokenizerFast
+
+from tga.cli import main
+from tga.data.chat_templates import chat_template
+from tga.errors import ConfigError
+from tga.export import export_hf_llava
+from tga.export_transformers4 import transformers4_key
+from tga.model.tokenizer import load_tokenizer
+from tga.model.vision import load_image_processor
+from tga.model.vlm import build_vlm
+from tga.train.checkpoint import build_processor
+
+
+@pytest.fixture(scope="module")
+def folders(tiny_assets, tmp_path_factory):
+    root = tmp_path_factory.mktemp("layouts")
+    tokenizer = load_tokenizer(tiny_assets["llm"])
+    torch.manual_seed(0)
+    model = build_vlm(tiny_assets["llm"], tiny_assets["vision"], tokenizer)
+    model.config.text_config.rope_parameters["rope_theta"] = 1e6  # Mistral-7B-v0.2's base, not 4.x's fallback
+    source = str(root / "vlm")
+    model.save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    build_processor(model, tokenizer, load_image_processor(tiny_assets["vision"])).save_pretrained(source)
+    return {"source": source, "v5": export_hf_llava(source, str(root / "v5")),
+            "v4": export_hf_llava(source, str(root / "v4"), layout="transformers4"), "model": model.eval(),
+            "tokenizer": tokenizer}
+
+
+def read(folder, name):
+    with open(os.path.join(folder, name), encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def test_weight_names_are_those_of_the_transformers4_llava_modules(folders):
+    model = folders["model"]
+    llm_keys = {f"model.{key}" for key in model.model.language_model.state_dict()} | {"lm_head.weight"}
+    expected = ({f"language_model.{key}" for key in llm_keys}
+                | {f"vision_tower.vision_model.{key}" for key in model.model.vision_tower.state_dict()}
+                | {f"multi_modal_projector.{key}" for key in model.model.multi_modal_projector.state_dict()})
+    with safe_open(os.path.join(folders["v4"], "model.safetensors"), framework="pt") as handle:
+        assert set(handle.keys()) == expected
+        assert handle.metadata()["format"] == "pt"
+    with safe_open(os.path.join(folders["v5"], "model.safetensors"), framework="pt") as handle:
+        assert any(key.startswith("vision_tower.embeddings.") for key in handle.keys())  # what 4.x would drop
+
+
+def test_config_has_the_fields_transformers4_reads(folders):
+    config = read(folders["v4"], "config.json")
+    text = config["text_config"]
+    assert text["rope_theta"] == 1e6 and "rope_parameters" not in text and "rope_scaling" not in text
+    assert config["image_token_index"] == folders["tokenizer"].convert_tokens_to_ids("<image>")
+    assert config["torch_dtype"] == text["torch_dtype"] == config["vision_config"]["torch_dtype"] == "float32"
+    assert config["vision_feature_layer"] == -2 and config["vision_feature_select_strategy"] == "default"
+    assert config["vision_config"]["model_type"] == "clip_vision_model" and text["model_type"] == "mistral"
+    assert "rope_theta" not in read(folders["v5"], "config.json")["text_config"]  # what 4.x would miss
+
+
+def test_tokenizer_and_processor_files_are_those_transformers4_loads(folders):
+    tokenizer_config = read(folders["v4"], "tokenizer_config.json")
+    assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast"  # 4.x has no TokenizersBackend
+    assert "extra_special_tokens" not in tokenizer_config and "<image>" in tokenizer_config["additional_special_tokens"]
+    assert tokenizer_config["chat_template"] == chat_template("llava_llama_2")
+    assert read(folders["v4"], "chat_template.json")["chat_template"] == chat_template("llava_llama_2")
+    image_processor = read(folders["v4"], "preprocessor_config.json")
+    assert image_processor["image_processor_type"] == "LlavaImageProcessor" and image_processor["do_pad"] is True
+    assert "image_processor" not in read(folders["v4"], "processor_config.json")
+    # tokenizer.json alone gives the training token ids (what PreTrainedTokenizerFast runs in 4.x)
+    text = "[INST] <image>\nWhat is this? [/INST] A cat.</s>"
+    plain = PreTrainedTokenizerFast(tokenizer_file=os.path.join(folders["v4"], "tokenizer.json"))
+    assert plain(text)["input_ids"] == folders["tokenizer"](text)["input_ids"]
+
+
+def test_transformers5_loads_the_transformers4_layout_to_the_same_model(folders):
+    v4 = LlavaForConditionalGeneration.from_pretrained(folders["v4"]).eval()
+    v5 = LlavaForConditionalGeneration.from_pretrained(folders["v5"]).eval()
+    processor = AutoProcessor.from_pretrained(folders["v4"])
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}],
+        add_generation_prompt=True)
+    inputs = processor(images=Image.effect_noise((40, 24), 50).convert("RGB"), text=prompt, return_tensors="pt")
+    assert v4.config.text_config.rope_parameters["rope_theta"] == 1e6
+    with torch.no_grad():
+        assert torch.equal(v4(**inputs).logits, v5(**inputs).logits)
+
+
+def test_unknown_weight_names_and_layouts_are_errors(folders, tmp_path):
+    assert transformers4_key("model.vision_tower.encoder.layers.0.mlp.fc1.weight") == (
+        "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight")
+    with pytest.raises(ConfigError, match="not part of a Llava model"):
+        transformers4_key("text_encoder.weight")
+    with pytest.raises(ConfigError, match="--layout"):
+        export_hf_llava(folders["source"], str(tmp_path / "x"), layout="transformers3")
+    assert main(["export", folders["source"], str(tmp_path / "cli"), "--layout", "transformers4"]) == 0
+    assert read(str(tmp_path / "cli"), "config.json")["text_config"]["rope_theta"] == 1e6
