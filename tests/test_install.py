@@ -62,14 +62,18 @@ def installed(wheel, tmp_path_factory) -> str:
     return str(venv)
 
 
-def test_the_wheel_holds_the_demo_plans_recipes_and_shipped_models(wheel):
+def _files(folder: str) -> set[str]:
+    return {os.path.relpath(os.path.join(path, name), REPO) for path, _, files in os.walk(os.path.join(REPO, folder))
+            if "__pycache__" not in path for name in files}
+
+
+def test_the_wheel_holds_every_module_and_the_demo_plans_recipes_and_shipped_models(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    expected = {os.path.relpath(os.path.join(folder, name), REPO)
-                for data in DATA_FOLDERS for folder, _, files in os.walk(os.path.join(REPO, data))
-                for name in files if "__pycache__" not in folder}
-    assert {"tga/demo/configs/demo.yaml", "tga/demo/prebuilt/clip/model.safetensors"} <= expected
-    assert expected - names == set()
-    assert "tga/cli/demo_cmd.py" in names and "tga/py.typed" in names
+    data = set().union(*(_files(folder) for folder in DATA_FOLDERS))
+    assert {"tga/demo/configs/demo.yaml", "tga/demo/prebuilt/clip/model.safetensors"} <= data
+    assert data - names == set()
+    modules = {name for name in _files("tga") if name.endswith(".py")}  # a folder without __init__.py is left out
+    assert "tga/train/run.py" in modules and modules - names == set()
 
 
 def test_the_installed_demo_runs_from_outside_the_checkout(installed, tmp_path):

@@ -4,16 +4,26 @@ Vision towers and their image processors. The default is an HF CLIP vision model
 in the paper recipe), loaded from either a full `CLIPModel` checkpoint or a `CLIPVisionModel` one. The tower is
 frozen by the training stages; its features are taken from layer `mm_vision_select_layer` (-2) with the CLS token
 dropped (`patch`) or kept (`cls_patch`).
+
+Loading the tower from a full CLIPModel checkpoint (the paper recipe's and the demo's) leaves the text tower and the
+two projections unused, which transformers reports as two dozen "UNEXPECTED" keys; that expected case is one info
+line here (`tga.model.loading`), while a weight the checkpoint lacks is still a warning and one of another shape an
+error.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 from transformers import AutoConfig, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, PreTrainedModel
 
 from tga.errors import ConfigError
+from tga.model.loading import load_pretrained
 
 SELECT_STRATEGY = {"patch": "default", "cls_patch": "full"}  # LLaVA flag value -> HF Llava strategy
+# the weights of a full CLIPModel checkpoint that its vision tower does not use
+CLIP_TEXT_SIDE = re.compile(r"^(text_model\.|text_projection\.|visual_projection\.|logit_scale$)")
 
 
 def vision_config_of(name_or_path: str) -> CLIPVisionConfig:
@@ -28,9 +38,11 @@ def vision_config_of(name_or_path: str) -> CLIPVisionConfig:
 
 
 def load_vision_tower(name_or_path: str, *, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """The pretrained CLIP vision tower (from a CLIPModel or CLIPVisionModel checkpoint)."""
+    """The pretrained CLIP vision tower (from a CLIPModel or CLIPVisionModel checkpoint), reported in a line
+    (`tga.model.loading`)."""
     vision_config_of(name_or_path)  # clear error for a non-CLIP checkpoint before loading weights
-    return CLIPVisionModel.from_pretrained(name_or_path, dtype=dtype)
+    return load_pretrained(CLIPVisionModel, name_or_path, what="vision tower", flag="--vision_tower", dtype=dtype,
+                           unused=CLIP_TEXT_SIDE, unused_reason="the full CLIP checkpoint's text tower and projections")
 
 
 def load_image_processor(name_or_path: str) -> CLIPImageProcessor:
