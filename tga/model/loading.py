@@ -24,17 +24,33 @@ logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """transformers logs errors only and shows no progress bar inside the block; both are restored after it."""
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
+def no_progress_bars() -> Iterator[None]:
+    """No transformers or datasets progress bar inside the block (a load or a cache write is not the phase's
+    progress); each library's setting is restored after it."""
+    import datasets
+
+    transformers_bars, datasets_bars = hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
     try:
         yield
     finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
+        if transformers_bars:
             hf_logging.enable_progress_bar()
+        if datasets_bars:
+            datasets.enable_progress_bars()
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers logs errors only and shows no progress bar inside the block; both are restored after it."""
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with no_progress_bars():
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def _listed(keys: list[str], limit: int = 8) -> str:

@@ -27,7 +27,7 @@ from transformers import (
 )
 
 from tga.errors import ConfigError
-from tga.model.loading import load_pretrained, resize_embeddings
+from tga.model.loading import load_pretrained, no_progress_bars, resize_embeddings
 from tga.model.projector import DEFAULT_PROJECTOR, build_projector
 from tga.model.vision import SELECT_STRATEGY, load_vision_tower, num_patches
 
@@ -150,7 +150,8 @@ def load_vlm(
         kwargs["attn_implementation"] = attn_implementation
     config = AutoConfig.from_pretrained(path)
     projector_type = getattr(config, "mm_projector_type", DEFAULT_PROJECTOR)
-    model = LlavaForConditionalGeneration.from_pretrained(path, **kwargs)
+    with no_progress_bars():  # the load report, if any, still shows
+        model = LlavaForConditionalGeneration.from_pretrained(path, **kwargs)
     # transformers 5 records the key renamings it applied while loading, and save_pretrained reverses them. Under
     # ZeRO-3 the record also holds legacy renamings (`^language_model.model.model` -> ...), whose reverse writes
     # `language_model.model.model.*` and `vision_tower.vision_model.*`. Without a record, saving uses the class's
