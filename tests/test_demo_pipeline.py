@@ -54,6 +54,7 @@ def answers(path: str) -> list[dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
+@pytest.mark.slow
 def test_report_covers_every_method_seed_and_stage_with_rates_in_0_1(reduced_demo):
     methods = reduced_demo["report"]["methods"]
     assert list(methods) == ["llava", "tga", "tga_centred", "unlearn"]
@@ -82,6 +83,7 @@ def test_report_covers_every_method_seed_and_stage_with_rates_in_0_1(reduced_dem
     assert "Training cost per step" in open(os.path.join(out, "report.md"), encoding="utf-8").read()
 
 
+@pytest.mark.slow
 def test_numbers_are_recomputed_from_the_saved_answers(reduced_demo):
     out, methods = reduced_demo["out"], reduced_demo["report"]["methods"]
     for name in ("llava", "tga", "unlearn"):
@@ -102,6 +104,7 @@ def test_numbers_are_recomputed_from_the_saved_answers(reduced_demo):
     assert os.path.exists(os.path.join(out, "seed0", "unlearn", "stage2", "unlearn_summary.json"))
 
 
+@pytest.mark.slow
 def test_phases_run_real_commands_and_are_reused(reduced_demo):
     out = reduced_demo["out"]
     script = open(os.path.join(out, "commands.sh"), encoding="utf-8").read()
@@ -129,6 +132,7 @@ def test_phases_run_real_commands_and_are_reused(reduced_demo):
         os.path.join(out, "report.md"), encoding="utf-8").read()
 
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_numbers_in_a_fresh_folder_with_phases_side_by_side(reduced_demo, tmp_path):
     """Rerun in a fresh folder with `--jobs 2`: phases in child processes with one thread each give the numbers and
     answers the in-process run gave."""
