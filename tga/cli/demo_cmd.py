@@ -82,7 +82,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Build the demo world, train every method of the plan with every seed, evaluate after stage 1 "
                     "and stage 2, and write report.md / report.json with plots. Reruns reuse finished phases.",
     )
-    demo.add_argument("--plan", default=DEFAULT_PLAN, help="plan YAML; its recipe paths are relative to it (default: the shipped demo.yaml)")
+    demo.add_argument("--plan", default=DEFAULT_PLAN,
+                      help="plan YAML; its recipe paths are relative to it (default: the shipped demo.yaml)")
     _common(demo, "runs/demo")
     sweep = subparsers.add_parser(
         "sweep", help="run a grid of methods x seeds in the demo world from a plan YAML and tabulate it",
