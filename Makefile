@@ -41,11 +41,15 @@ $(EVAL_STAMP): requirements-eval.txt $(STAMP)
 	$(EVAL_VENV)/bin/pip install --quiet --no-compile -r requirements-eval.txt
 	touch $(EVAL_STAMP)
 
+# `make test` is the whole suite (CI: .ci/run); `make test-fast` leaves out the tests marked slow (end-to-end demo
+# runs, the installed package), distributed (2 DeepSpeed CPU ranks) and gpu (pyproject.toml). Both list the slowest.
+PYTEST := $(BIN)/pytest -q --durations=15
+
 test: install eval-env
-	$(BIN)/pytest -q
+	$(PYTEST)
 
 test-fast: install
-	$(BIN)/pytest -q -m "not distributed"
+	$(PYTEST) -m "not slow and not distributed and not gpu"
 
 # The built-in safety-transfer demo (docs/demo.md): the synthetic world, its tiny CLIP and text LLM, then every method
 # of configs/demo/demo.yaml (LLaVA baseline, TGA, contrastive alignment, textual unlearning) through both stages,

@@ -45,7 +45,8 @@ setup(
     version="0.1.0",
     description="Text-Guided vision-language Alignment: LLaVA-style VLM training that keeps the LLM's safety",
     packages=find_packages(include=["tga", "tga.*"]),
-    package_data={"tga": ["py.typed", "demo/prebuilt/*/*"]},  # the demo world's shipped CLIP and LLM
+    # what an installed `tga demo` reads: the demo's plans and recipes, the demo world's shipped CLIP and LLM
+    package_data={"tga": ["py.typed", "demo/configs/*.yaml", "demo/prebuilt/*/*"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

@@ -64,6 +64,7 @@ def test_a_failed_phase_lets_the_running_one_finish_and_stops_its_dependents(tmp
     assert not {"b2", "b2_eval"} & set(recorder.spans)  # nothing new starts after a failure
 
 
+@pytest.mark.slow
 def test_a_phase_runs_in_one_tga_process_with_its_output_in_the_log(tmp_path):
     children = ChildProcesses(threads=1)
     log = str(tmp_path / LOG_FILE)

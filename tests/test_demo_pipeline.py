@@ -20,10 +20,13 @@ RATES = ("image_dsr", "describes_toxic", "recognises_toxic", "text_refusal", "be
          "benign_describe_accuracy", "benign_describe_concepts", "false_refusal")
 
 
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tga", "demo", "configs")
+
+
 def plan_file(folder, methods, seeds=(0,)) -> str:
     plan = {"assets": {"size": "tiny", "seed": 0}, "seeds": list(seeds),
-            "configs": {"stage1": "configs/demo/pretrain.yaml", "stage2": "configs/demo/finetune.yaml",
-                        "unlearn": "configs/demo/unlearn.yaml"},
+            "configs": {stage: os.path.join(SHIPPED, f"{name}.yaml")
+                        for stage, name in (("stage1", "pretrain"), ("stage2", "finetune"), ("unlearn", "unlearn"))},
             "evaluation": {"max_new_tokens": 6, "batch_size": 32}, "methods": methods}
     path = os.path.join(folder, "plan.yaml")
     with open(path, "w", encoding="utf-8") as handle:
@@ -51,6 +54,7 @@ def answers(path: str) -> list[dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
+@pytest.mark.slow
 def test_report_covers_every_method_seed_and_stage_with_rates_in_0_1(reduced_demo):
     methods = reduced_demo["report"]["methods"]
     assert list(methods) == ["llava", "tga", "tga_centred", "unlearn"]
@@ -79,6 +83,7 @@ def test_report_covers_every_method_seed_and_stage_with_rates_in_0_1(reduced_dem
     assert "Training cost per step" in open(os.path.join(out, "report.md"), encoding="utf-8").read()
 
 
+@pytest.mark.slow
 def test_numbers_are_recomputed_from_the_saved_answers(reduced_demo):
     out, methods = reduced_demo["out"], reduced_demo["report"]["methods"]
     for name in ("llava", "tga", "unlearn"):
@@ -99,6 +104,7 @@ def test_numbers_are_recomputed_from_the_saved_answers(reduced_demo):
     assert os.path.exists(os.path.join(out, "seed0", "unlearn", "stage2", "unlearn_summary.json"))
 
 
+@pytest.mark.slow
 def test_phases_run_real_commands_and_are_reused(reduced_demo):
     out = reduced_demo["out"]
     script = open(os.path.join(out, "commands.sh"), encoding="utf-8").read()
@@ -126,6 +132,7 @@ def test_phases_run_real_commands_and_are_reused(reduced_demo):
         os.path.join(out, "report.md"), encoding="utf-8").read()
 
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_numbers_in_a_fresh_folder_with_phases_side_by_side(reduced_demo, tmp_path):
     """Rerun in a fresh folder with `--jobs 2`: phases in child processes with one thread each give the numbers and
     answers the in-process run gave."""
@@ -159,6 +166,38 @@ def test_plans_are_checked_before_anything_runs(tmp_path):
     with pytest.raises(ConfigError, match="plan file not found"):
         load_plan(str(tmp_path / "missing.yaml"))
     assert main(["sweep", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_plan_recipe_paths_are_relative_to_the_plan_file(tmp_path, monkeypatch):
+    """A plan read from another folder finds the recipes beside it; a missing recipe fails naming the plan's key."""
+    folder = tmp_path / "plans"
+    folder.mkdir()
+    for name in ("a", "b", "c"):
+        (folder / f"{name}.yaml").write_text("num_train_epochs: 1\n")
+    spec = {"configs": {"stage1": "a.yaml", "stage2": "b.yaml", "unlearn": "c.yaml"}, "methods": {"llava": {}}}
+    (folder / "plan.yaml").write_text(yaml.safe_dump(spec))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    plan = load_plan(os.path.join("..", "plans", "plan.yaml"))
+    assert {stage: os.path.abspath(path) for stage, path in plan.configs.items()} == {
+        "stage1": str(folder / "a.yaml"), "stage2": str(folder / "b.yaml"), "unlearn": str(folder / "c.yaml")}
+    (folder / "b.yaml").unlink()
+    with pytest.raises(ConfigError, match=r"configs\.stage2: recipe file not found: .*b\.yaml"):
+        load_plan(str(folder / "plan.yaml"))
+
+
+def test_dry_run_lists_every_phase_from_the_shipped_plan_and_runs_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # not the checkout: the shipped plan, its recipes and models come from the package
+    assert main(["demo", "--dry_run", "--out", "run", "--seeds", "0", "--methods", "tga"]) == 0
+    listing = capsys.readouterr().out
+    assert f"recipe stage1: {os.path.join(SHIPPED, 'pretrain.yaml')}" in listing
+    assert "clip model: copied from" in listing and "llm model: copied from" in listing
+    phases = re.findall(r"^# (.+)$", listing, flags=re.M)
+    assert phases == ["assets", "retrieval", "activation", "seed0/tga/stage1", "seed0/tga/eval_stage1",
+                      "seed0/tga/stage2", "seed0/tga/eval_stage2"]
+    assert f"tga finetune {os.path.join(SHIPPED, 'finetune.yaml')} --model_name_or_path '<assets:llm>'" in listing
+    assert not os.path.exists("run")  # nothing ran
 
 
 def test_the_shipped_plans_parse():

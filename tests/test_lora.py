@@ -103,6 +103,7 @@ def trained(setup):
             "with_grad": with_grad, "expected": expected, "out": out}
 
 
+@pytest.mark.slow
 def test_only_llm_adapters_and_the_projector_train(trained):
     trainable = trained["trainable"]
     lora = {n for n in trainable if is_lora_key(n)}
@@ -117,6 +118,7 @@ def test_only_llm_adapters_and_the_projector_train(trained):
     assert lora <= trained["with_grad"][1]  # from step 2 on (B != 0) every lora_A and lora_B has a gradient
 
 
+@pytest.mark.slow
 def test_base_llm_and_vision_are_bitwise_unchanged_before_merge(trained):
     before, after = trained["before"], {unlora(k): v for k, v in trained["after"].items() if not is_lora_key(k)}
     assert before.keys() == after.keys()
@@ -126,12 +128,14 @@ def test_base_llm_and_vision_are_bitwise_unchanged_before_merge(trained):
     assert all(v.abs().sum() > 0 for v in lora_b)  # peft initialises B to zero: every adapter trained
 
 
+@pytest.mark.slow
 def test_loss_is_finite_and_falls_on_repeated_data(trained):
     losses = trained["losses"]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0] - 0.5 and min(losses[-3:]) < min(losses[:3]), losses
 
 
+@pytest.mark.slow
 def test_merged_folder_loads_with_plain_transformers_and_equals_the_trained_model(trained, setup):
     out = trained["out"]
     weights = load_file(os.path.join(out, "model.safetensors"))
@@ -147,6 +151,7 @@ def test_merged_folder_loads_with_plain_transformers_and_equals_the_trained_mode
     assert load_tokenizer(out).chat_template
 
 
+@pytest.mark.slow
 def test_adapter_folder_is_peft_format_and_rebuilds_the_model_on_the_base(trained, setup):
     from peft import PeftModel
 
@@ -227,6 +232,7 @@ def split(state):
     return parts
 
 
+@pytest.mark.slow
 def test_run_stage_with_lora_and_tga_saves_a_merged_folder(stage2_run, setup):
     run, base = split(load_file(os.path.join(stage2_run, "model.safetensors"))), split(
         load_file(os.path.join(setup["base"], "model.safetensors")))
@@ -245,6 +251,7 @@ def test_run_stage_with_lora_and_tga_saves_a_merged_folder(stage2_run, setup):
     LlavaForConditionalGeneration.from_pretrained(stage2_run)
 
 
+@pytest.mark.slow
 def test_export_of_a_lora_run_and_of_its_unmerged_checkpoint_equal_the_model(stage2_run, setup, tmp_path):
     expected = logits(load_vlm(stage2_run), setup["batch"])
     exported = LlavaForConditionalGeneration.from_pretrained(export_hf_llava(stage2_run, str(tmp_path / "hf")))
@@ -286,6 +293,7 @@ def save_tiny_llama(folder):
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True])
 def test_llama_based_vlm_exports_and_round_trips(tiny_assets, setup, tmp_path, lora):
     llm = save_tiny_llama(str(tmp_path / "llama"))

@@ -1,5 +1,7 @@
 """The VLM: assembly from pretrained parts, projector types, HF-native save/load, generation, stage-1 projector import."""
 
+import logging
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -144,3 +146,77 @@ def test_vision_tower_loads_from_a_full_clip_checkpoint(tmp_path):
     for name, tensor in clip.vision_model.state_dict().items():
         assert torch.equal(tower.state_dict()[name], tensor), name
     assert num_patches(tower.config) == 16 and num_patches(tower.config, "cls_patch") == 17
+
+
+def _tiny_clip(folder) -> None:
+    from transformers import CLIPConfig, CLIPModel
+
+    config = CLIPConfig(text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                     "num_attention_heads": 2},
+                        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8}, projection_dim=16)
+    CLIPModel(config).save_pretrained(folder)
+
+
+def test_a_full_clip_checkpoint_loads_with_one_line_not_a_report_of_unused_keys(tmp_path, capfd, caplog):
+    """The unused text side of a CLIPModel checkpoint (what the 7B recipe and the demo load) is one info line, not
+    transformers' table of two dozen UNEXPECTED keys; transformers' own log level is what it was before."""
+    from transformers.utils import logging as hf_logging
+
+    from tga.model.vision import load_vision_tower
+
+    _tiny_clip(tmp_path)
+    capfd.readouterr()
+    before = hf_logging.get_verbosity()
+    with caplog.at_level("INFO", logger="tga.model.loading"):
+        load_vision_tower(str(tmp_path))
+    printed = "".join(capfd.readouterr())
+    assert "UNEXPECTED" not in printed and "LOAD REPORT" not in printed
+    lines = [record for record in caplog.records if record.name == "tga.model.loading"]
+    assert [record.levelname for record in lines] == ["INFO"]
+    assert "text tower and projections" in lines[0].getMessage() and str(tmp_path) in lines[0].getMessage()
+    assert hf_logging.get_verbosity() == before
+
+
+def test_building_a_vlm_says_the_embeddings_grew_in_one_line_not_transformers_notices(tiny_assets, tokenizer, capfd,
+                                                                                       caplog):
+    from transformers.utils.logging import warning_once
+
+    warning_once.cache_clear()  # transformers' resize notices are once per process: let them come if not held back
+    capfd.readouterr()
+    with caplog.at_level("INFO", logger="tga.model.loading"):
+        model = make_vlm(tiny_assets, tokenizer)
+    printed = "".join(capfd.readouterr())
+    assert "multivariate normal" not in printed and "LOAD REPORT" not in printed
+    lines = [record.getMessage() for record in caplog.records if "embeddings resized" in record.getMessage()]
+    rows = model.get_input_embeddings().weight.shape[0]
+    assert len(lines) == 1 and f"to {rows} rows for the tokenizer's {len(tokenizer)} tokens" in lines[0]
+
+
+def test_a_weight_missing_from_the_tower_checkpoint_is_still_a_warning(tmp_path, caplog):
+    from safetensors.torch import save_file
+
+    from tga.model.vision import load_vision_tower
+
+    _tiny_clip(tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    del weights["vision_model.post_layernorm.weight"]
+    save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with caplog.at_level("INFO", logger="tga.model.loading"):
+        load_vision_tower(str(tmp_path))
+    warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "1 weights missing from the checkpoint" in warnings[0]
+    assert "post_layernorm.weight" in warnings[0]
+
+
+def test_a_tower_weight_of_another_shape_is_an_error_naming_it(tmp_path):
+    from safetensors.torch import save_file
+
+    from tga.model.vision import load_vision_tower
+
+    _tiny_clip(tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    weights["vision_model.post_layernorm.weight"] = torch.ones(31)
+    save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match=r"--vision_tower .*1 weights of another shape than the vision tower's: .*post_layernorm\.weight \(31,\)"):
+        load_vision_tower(str(tmp_path))

@@ -152,6 +152,7 @@ def top1_accuracy(out: str, concepts: list[int]) -> float:
     return float(np.mean([r["retrieved_caption"] == CAPTIONS[c] for r, c in zip(image_records, concepts)]))
 
 
+@pytest.mark.slow
 def test_trained_tiny_clip_retrieves_well_and_ivf_matches_flat(tmp_path, clip_dir):
     data, images, corpus, concepts = make_world(tmp_path)
     flat_out, ivf_out = str(tmp_path / "flat.json"), str(tmp_path / "ivf.jsonl")

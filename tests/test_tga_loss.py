@@ -291,6 +291,7 @@ def _center_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_caption_center_all_reduces_across_ranks():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

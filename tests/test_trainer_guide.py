@@ -100,6 +100,7 @@ def test_centred_guide_measures_states_minus_the_running_caption_mean(setup):
     assert not torch.allclose(expected, uncentred, atol=1e-3)  # centring changes what is measured
 
 
+@pytest.mark.slow
 def test_frozen_target_never_changes_while_the_model_trains(setup, tiny_assets):
     tokenizer = setup[1]
     torch.manual_seed(0)

@@ -117,6 +117,7 @@ def lora_run(world):
 
 # ---- data adapters ----
 
+@pytest.mark.slow
 def test_adapters_read_pku_plain_truthfulqa_llava_and_refusals(world, tmp_path):
     harmful = load_pairs(world["harmful"], what="--harmful")
     assert [p.response for p in harmful[:2]] == ["Here is how to hurt person 0: step one.",
@@ -161,6 +162,7 @@ def test_loss_terms_use_response_tokens_only_and_ascend_on_forget():
 
 # ---- training behaviour ----
 
+@pytest.mark.slow
 def test_forget_loss_rises_while_normal_kl_stays_small(copy_run):
     forget, kl = logged(copy_run["out"], "unlearn/forget_nll"), logged(copy_run["out"], "unlearn/keep_kl")
     print(f"\nforget NLL {[round(v, 3) for v in forget]}\nkeep KL {[round(v, 5) for v in kl]}")
@@ -170,6 +172,7 @@ def test_forget_loss_rises_while_normal_kl_stays_small(copy_run):
     assert max(kl) < 0.3 and max(kl) < forget[-1] - forget[0] + 0.3
 
 
+@pytest.mark.slow
 def test_reference_never_changes_and_only_the_llm_trains(copy_run):
     run = copy_run["run"]
     after = run.trainer.reference.state_dict()
@@ -180,6 +183,7 @@ def test_reference_never_changes_and_only_the_llm_trains(copy_run):
     assert not any("vision_tower" in k or "multi_modal_projector" in k for k in changed)
 
 
+@pytest.mark.slow
 def test_stopping_rule_fires_on_the_forget_ceiling(world, tmp_path, copy_run):
     ceiling = logged(copy_run["out"], "unlearn/forget_nll")[0] + 0.1  # reached after a few steps (previous test)
     out = run_unlearn(argv(world, tmp_path / "stop", "--forget_ceiling", str(ceiling), "--max_steps", "40"))
@@ -191,6 +195,7 @@ def test_stopping_rule_fires_on_the_forget_ceiling(world, tmp_path, copy_run):
     assert cost(out)["steps"] == summary["steps"]
 
 
+@pytest.mark.slow
 def test_lora_reference_is_the_adapter_disabled_base_and_uses_less_memory(lora_run, copy_run, world):
     run = lora_run["run"]
     assert run.trainer.reference is None
@@ -214,6 +219,7 @@ def test_lora_reference_is_the_adapter_disabled_base_and_uses_less_memory(lora_r
     assert all(torch.equal(merged[k], source[k]) for k in merged if "vision_tower" in k)
 
 
+@pytest.mark.slow
 def test_cost_json_counts_tokens_and_flops(copy_run, lora_run):
     text = cost(copy_run["out"])
     assert text["method"] == "unlearn-text" and text["steps"] == STEPS and text["samples"] == 2 * STEPS
@@ -225,6 +231,7 @@ def test_cost_json_counts_tokens_and_flops(copy_run, lora_run):
     assert lora["parameters"]["trainable"] < p["trainable"] / 10 and lora["parameters"]["frozen_forward"] > 0
 
 
+@pytest.mark.slow
 def test_multimodal_unlearning_costs_more_per_step(world, tmp_path, copy_run):
     out = run_unlearn(argv(world, tmp_path / "mm", "--harmful", world["harmful_mm"], "--image_folder",
                            world["image_folder"], "--max_steps", "2"))
@@ -237,6 +244,7 @@ def test_multimodal_unlearning_costs_more_per_step(world, tmp_path, copy_run):
 
 # ---- the result is still a VLM the evaluation runs on ----
 
+@pytest.mark.slow
 def test_unlearned_model_loads_for_chat_and_dsr_evaluation(copy_run, tmp_path):
     chat = load_chat_model(copy_run["out"])
     image = Image.new("RGB", (32, 32), (200, 0, 0))
@@ -249,6 +257,7 @@ def test_unlearned_model_loads_for_chat_and_dsr_evaluation(copy_run, tmp_path):
     assert code == 0 and os.listdir(tmp_path / "dsr")
 
 
+@pytest.mark.slow
 def test_cli_errors_name_the_option_and_file(world, tmp_path, capsys):
     assert main(["unlearn", "--model", world["model"], "--normal", world["normal"]]) == 2
     assert "--harmful is required" in capsys.readouterr().err

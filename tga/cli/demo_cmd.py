@@ -1,9 +1,9 @@
 """tga/cli/demo_cmd.py
 
-`tga demo` (the built-in safety-transfer demo, `configs/demo/demo.yaml`) and `tga sweep PLAN.yaml` (any grid of
-methods x seeds in the demo world, e.g. `configs/demo/study.yaml`). Both run the phases of `tga.demo.pipeline`,
-reusing finished ones, and write the report; `--size`, `--seeds` and `--methods` narrow a plan without editing it,
-`--jobs` runs phases side by side.
+`tga demo` (the built-in safety-transfer demo, `tga/demo/configs/demo.yaml`, shipped with the package) and
+`tga sweep PLAN.yaml` (any grid of methods x seeds in the demo world, e.g. `configs/demo/study.yaml`). Both run the
+phases of `tga.demo.pipeline`, reusing finished ones, and write the report; `--size`, `--seeds` and `--methods` narrow
+a plan without editing it, `--jobs` runs phases side by side, `--dry_run` lists the phases and runs nothing.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import argparse
 import dataclasses
 import os
 
-DEFAULT_PLAN = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                            "configs", "demo", "demo.yaml")
+# package data (setup.py), so an installed `tga demo` finds it from any folder
+DEFAULT_PLAN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo", "configs", "demo.yaml")
 
 
 def narrowed(plan, args: argparse.Namespace):
@@ -37,11 +37,14 @@ def narrowed(plan, args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from tga.cli import main
-    from tga.demo.pipeline import run_plan
+    from tga.demo.pipeline import dry_run_lines, run_plan
     from tga.demo.plan import load_plan
     from tga.demo.report import write_report
 
     plan = narrowed(load_plan(args.plan), args)
+    if args.dry_run:
+        print("\n".join(dry_run_lines(plan, args.out, args.train_models)))
+        return 0
     result = run_plan(plan, args.out, main, jobs=args.jobs, train_models=args.train_models)
     report = write_report(plan, args.out, result)
     print(open(os.path.join(args.out, "report.md"), encoding="utf-8").read())
@@ -67,6 +70,9 @@ def _common(parser: argparse.ArgumentParser, default_out: str) -> None:
                              "output goes to the phase folder's log.txt (default 1: in this process)")
     parser.add_argument("--train_models", action="store_true",
                         help="train the world's CLIP and text LLM even when the shipped ones match (~12 min)")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="print the plan, its recipe files, the shipped models used and every phase's commands; "
+                             "run nothing")
     parser.set_defaults(func=run)
 
 
@@ -76,7 +82,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Build the demo world, train every method of the plan with every seed, evaluate after stage 1 "
                     "and stage 2, and write report.md / report.json with plots. Reruns reuse finished phases.",
     )
-    demo.add_argument("--plan", default=DEFAULT_PLAN, help="plan YAML (default: configs/demo/demo.yaml)")
+    demo.add_argument("--plan", default=DEFAULT_PLAN,
+                      help="plan YAML; its recipe paths are relative to it (default: the shipped demo.yaml)")
     _common(demo, "runs/demo")
     sweep = subparsers.add_parser(
         "sweep", help="run a grid of methods x seeds in the demo world from a plan YAML and tabulate it",

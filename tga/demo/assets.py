@@ -99,6 +99,15 @@ def step_keys(seed: int, size: str) -> dict[str, str]:
             "llm": spec_key(world_key, asdict(text_llm_spec(size)))}
 
 
+def matching_prebuilt(seed: int, size: str, prebuilt_dir: str = PREBUILT_DIR) -> dict[str, str | None]:
+    """{"clip": folder, "llm": folder}: each shipped model whose key matches this world (copied instead of trained),
+    None for a model that would be trained."""
+    keys = step_keys(seed, size)
+    folders = {name: os.path.join(prebuilt_dir, name) for name in ("clip", "llm")}
+    return {name: folder if (_stored(folder) or {}).get("key") == keys[name] else None
+            for name, folder in folders.items()}
+
+
 def _load_scenes(path: str) -> WorldScenes:
     world = WorldScenes()
     with open(path, encoding="utf-8") as handle:

@@ -162,6 +162,38 @@ def stage1_folder(plan: Plan, out: str, seed: int, method: Method) -> str:
     return os.path.join(out, f"seed{seed}", _stage1_owner(plan, source).name, "eval_stage1")
 
 
+class _AssetPlaceholders(dict):
+    """Asset paths for a listing made before the world is built: `<assets:name>` for each."""
+
+    def __missing__(self, name: str) -> str:
+        return f"<assets:{name}>"
+
+
+def dry_run_lines(plan: Plan, out: str, train_models: bool = False) -> list[str]:
+    """What `run_plan` would do, without running anything: the plan and recipe files it reads, whether the shipped
+    models are copied or trained, and every phase with its commands (asset paths as `<assets:NAME>` until the assets
+    folder is built)."""
+    from tga.demo.assets import matching_prebuilt
+
+    lines = [f"plan: {plan.source} ({len(plan.methods)} methods x {len(plan.seeds)} seeds; world {plan.assets_size}, "
+             f"seed {plan.assets_seed})"]
+    lines += [f"recipe {stage}: {path}" for stage, path in plan.configs.items()]
+    for name, folder in matching_prebuilt(plan.assets_seed, plan.assets_size).items():
+        state = f"copied from {folder}" if folder and not train_models else "trained (no shipped model is used)"
+        lines.append(f"{name} model: {state}")
+    first = assets_phase(plan, out, train_models)
+    built = os.path.exists(os.path.join(first.folder, "assets.json"))
+    paths = read_asset_paths(first.folder) if built else _AssetPlaceholders()
+    phases = [first, *shared_phases(plan, out, paths)]
+    for seed in plan.seeds:
+        phases += seed_phases(plan, out, paths, seed)
+    lines.append(f"{len(phases)} phases:")
+    for phase in phases:
+        lines.append(f"# {phase.name}")
+        lines += [f"  {shell_line(argv)}" for argv in phase.commands]
+    return lines
+
+
 def run_plan(plan: Plan, out: str, runner: Callable[[list[str]], int], progress: Progress = print, *,
              jobs: int = 1, train_models: bool = False) -> dict:
     """Run every phase of `plan` under `out` (reusing finished ones); returns {phase name: record}.

@@ -1,13 +1,16 @@
 """tga/demo/plan.py
 
-The plan of a demo or sweep run, read from YAML (`configs/demo/demo.yaml`, `configs/demo/study.yaml`): which world
-to build, which seeds to train with, the stage recipes, how to evaluate, and the methods. A method is a set of flag
-overrides for stage 1 and stage 2, or an unlearning run on another method's stage-2 model. Everything is checked
-when the plan is read, so a typo fails before any training starts, naming the option.
+The plan of a demo or sweep run, read from YAML (`tga/demo/configs/demo.yaml`, `tga/demo/configs/study.yaml`, shipped
+with the package; `configs/demo/` in a checkout links there): which world to build, which seeds to train with, the
+stage recipes, how to evaluate, and the methods. A method is a set of flag overrides for stage 1 and stage 2, or an
+unlearning run on another method's stage-2 model. A plan file's recipe paths are relative to the plan file, so a plan
+works from any folder and from an installed package. Everything is checked when the plan is read, so a typo or a
+missing recipe fails before any training starts, naming the option.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -134,7 +137,7 @@ def parse_plan(data: Any, path: str = "<plan>") -> Plan:
 
 
 def load_plan(path: str) -> Plan:
-    """Read a plan YAML (see `configs/demo/demo.yaml`)."""
+    """Read a plan YAML (see `tga/demo/configs/demo.yaml`); its recipe paths are taken relative to its folder."""
     if not os.path.isfile(path):
         raise ConfigError(f"plan file not found: {path}")
     with open(path, encoding="utf-8") as handle:
@@ -142,4 +145,10 @@ def load_plan(path: str) -> Plan:
             data = yaml.safe_load(handle)
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: not a valid YAML plan ({error})") from error
-    return parse_plan(data, path)
+    plan = parse_plan(data, path)
+    configs = {stage: os.path.normpath(os.path.join(os.path.dirname(path), recipe))  # absolute ones stay as they are
+               for stage, recipe in plan.configs.items()}
+    for stage, recipe in configs.items():
+        if not os.path.isfile(recipe):
+            raise ConfigError(f"{path}: configs.{stage}: recipe file not found: {recipe} (paths are relative to the plan)")
+    return dataclasses.replace(plan, configs=configs)

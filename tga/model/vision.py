@@ -9,12 +9,18 @@ The image processor is a `LlavaImageProcessor` whose `do_pad` records `--image_a
 a square with the mean colour before CLIP's resize and centre crop, `resize` leaves the image as it is. Every folder the
 project writes saves it, so `AutoProcessor` (plain transformers, vLLM, lmms-eval) computes the pixels training saw.
 Folders written before carry a plain `CLIPImageProcessor`; their aspect ratio comes from the run's tga_config.json.
+
+Loading the tower from a full CLIPModel checkpoint (the paper recipe's and the demo's) leaves the text tower and the
+two projections unused, which transformers reports as two dozen "UNEXPECTED" keys; that expected case is one info
+line here (`tga.model.loading`), while a weight the checkpoint lacks is still a warning and one of another shape an
+error.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 
 import torch
 from transformers import (
@@ -27,12 +33,15 @@ from transformers import (
 )
 
 from tga.errors import ConfigError
+from tga.model.loading import load_pretrained
 
 SELECT_STRATEGY = {"patch": "default", "cls_patch": "full"}  # LLaVA flag value -> HF Llava strategy
 ASPECT_RATIOS = ("pad", "resize")
 # What a CLIP image processor does besides padding; copied into the LlavaImageProcessor unchanged.
 PROCESSOR_SETTINGS = ("size", "crop_size", "do_convert_rgb", "do_resize", "resample", "do_rescale", "rescale_factor",
                       "do_normalize", "do_center_crop", "image_mean", "image_std")
+# the weights of a full CLIPModel checkpoint that its vision tower does not use
+CLIP_TEXT_SIDE = re.compile(r"^(text_model\.|text_projection\.|visual_projection\.|logit_scale$)")
 
 
 def vision_config_of(name_or_path: str) -> CLIPVisionConfig:
@@ -47,9 +56,11 @@ def vision_config_of(name_or_path: str) -> CLIPVisionConfig:
 
 
 def load_vision_tower(name_or_path: str, *, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """The pretrained CLIP vision tower (from a CLIPModel or CLIPVisionModel checkpoint)."""
+    """The pretrained CLIP vision tower (from a CLIPModel or CLIPVisionModel checkpoint), reported in a line
+    (`tga.model.loading`)."""
     vision_config_of(name_or_path)  # clear error for a non-CLIP checkpoint before loading weights
-    return CLIPVisionModel.from_pretrained(name_or_path, dtype=dtype)
+    return load_pretrained(CLIPVisionModel, name_or_path, what="vision tower", flag="--vision_tower", dtype=dtype,
+                           unused=CLIP_TEXT_SIDE, unused_reason="the full CLIP checkpoint's text tower and projections")
 
 
 def load_image_processor(name_or_path: str, aspect_ratio: str = "pad") -> LlavaImageProcessor:

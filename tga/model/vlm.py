@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from tga.errors import ConfigError
+from tga.model.loading import load_pretrained, no_progress_bars, resize_embeddings
 from tga.model.projector import DEFAULT_PROJECTOR, build_projector
 from tga.model.vision import SELECT_STRATEGY, load_vision_tower, num_patches
 
@@ -59,7 +60,7 @@ def build_vlm(
     llm_kwargs = {"dtype": dtype}
     if attn_implementation:
         llm_kwargs["attn_implementation"] = attn_implementation
-    llm = AutoModelForCausalLM.from_pretrained(llm_path, **llm_kwargs)
+    llm = load_pretrained(AutoModelForCausalLM, llm_path, what="LLM", flag="--model_name_or_path", **llm_kwargs)
     vision = load_vision_tower(vision_tower, dtype=dtype)
     return assemble_vlm(llm, vision, tokenizer, projector_type=projector_type, select_layer=select_layer,
                         select_feature=select_feature, template=template, dtype=dtype)
@@ -73,7 +74,7 @@ def assemble_vlm(llm, vision, tokenizer, *, projector_type: str = DEFAULT_PROJEC
     The LLM's embeddings are resized to the tokenizer (which has `<image>` and a pad token added), padded to a
     multiple of 64 like the llava-hf checkpoints.
     """
-    llm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    resize_embeddings(llm, len(tokenizer), pad_to_multiple_of=64)
     if select_feature not in SELECT_STRATEGY:
         raise ConfigError(f"--mm_vision_select_feature `{select_feature}` must be one of {sorted(SELECT_STRATEGY)}")
     config = LlavaConfig(
@@ -149,7 +150,8 @@ def load_vlm(
         kwargs["attn_implementation"] = attn_implementation
     config = AutoConfig.from_pretrained(path)
     projector_type = getattr(config, "mm_projector_type", DEFAULT_PROJECTOR)
-    model = LlavaForConditionalGeneration.from_pretrained(path, **kwargs)
+    with no_progress_bars():  # the load report, if any, still shows
+        model = LlavaForConditionalGeneration.from_pretrained(path, **kwargs)
     # transformers 5 records the key renamings it applied while loading, and save_pretrained reverses them. Under
     # ZeRO-3 the record also holds legacy renamings (`^language_model.model.model` -> ...), whose reverse writes
     # `language_model.model.model.*` and `vision_tower.vision_model.*`. Without a record, saving uses the class's

@@ -30,6 +30,9 @@ def free_port() -> int:
 def prepare_process(argv: list[str]) -> list[str]:
     """Set up the process for the run described by `argv` (YAML already expanded); returns argv to parse."""
     uses_deepspeed = bool(flag_value(argv, "deepspeed"))  # `--deepspeed ""` turns a YAML's DeepSpeed off
+    if not torch.cuda.is_available() and flag_value(argv, "dataloader_pin_memory") is None:
+        # pinned memory only speeds copies to an accelerator; without one torch warns on every data loader
+        argv = [*argv, "--dataloader_pin_memory", "false"]
     if uses_deepspeed and "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))

@@ -24,6 +24,7 @@ from tga.data.dataset import SampleBuilder
 from tga.data.guard import BadRecordLog, GuardedDataset
 from tga.data.templates import get_template
 from tga.errors import ConfigError, TrainingStopped
+from tga.model.loading import no_progress_bars
 from tga.model.lora import add_lora, save_lora_model_folder
 from tga.model.tokenizer import image_token_id, load_tokenizer
 from tga.model.vision import load_image_processor
@@ -69,7 +70,7 @@ def build_model_and_processors(model_args, training_args, aspect_ratio: str = "p
 def build_dataset(data_args, tga_args, model, tokenizer, image_processor, training_args, *, stage: str):
     # Records are converted to Arrow once (local main process first, the other ranks then open its cache) and
     # memory-mapped; the cheap checks of every record (schema, image path inside the folder and present) run here.
-    with training_args.main_process_first(desc="converting records to Arrow"):
+    with training_args.main_process_first(desc="converting records to Arrow"), no_progress_bars():
         records = open_records(data_args.data_path, cache_dir=data_args.data_cache_dir,
                                num_proc=data_args.preprocessing_num_workers, image_folder=data_args.image_folder,
                                check_images=True, skip_bad=data_args.skip_bad_records)
@@ -167,16 +168,17 @@ def run_stage(stage: str, argv: list[str]) -> str:
                               f"checkpoint is in {training_args.output_dir}: rerun with --resume_from_checkpoint auto "
                               "to continue")
     projector_only = stage == "pretrain" and "llm" not in components
-    if projector_only:
-        save_projector(model, training_args.output_dir)
-    if model_args.lora_enable:  # merged full folder + lora_adapter/
-        save_lora_model_folder(trainer, model, tokenizer, image_processor, training_args.output_dir,
-                               base_model=model_args.model_name_or_path)
-    elif not projector_only or training_args.save_full_model:
-        save_model_folder(trainer, model, tokenizer, image_processor, training_args.output_dir)
-    elif is_main_process():
-        model.config.save_pretrained(training_args.output_dir)
-        tokenizer.save_pretrained(training_args.output_dir)
+    with no_progress_bars():  # the training bar is the stage's progress line; writing shards is not
+        if projector_only:
+            save_projector(model, training_args.output_dir)
+        if model_args.lora_enable:  # merged full folder + lora_adapter/
+            save_lora_model_folder(trainer, model, tokenizer, image_processor, training_args.output_dir,
+                                   base_model=model_args.model_name_or_path)
+        elif not projector_only or training_args.save_full_model:
+            save_model_folder(trainer, model, tokenizer, image_processor, training_args.output_dir)
+        elif is_main_process():
+            model.config.save_pretrained(training_args.output_dir)
+            tokenizer.save_pretrained(training_args.output_dir)
     if is_main_process():
         trainer.save_state()  # trainer_state.json: the log history (losses, TGA metrics)
         plot_training_curves(trainer.state.log_history, training_args.output_dir)
