@@ -161,3 +161,74 @@ def test_evaluate_dsr_with_a_defence_records_its_cost_and_settings(tiny, tmp_pat
     plain = tmp_path / "plain"
     assert main([*common[:-1], str(plain)]) == 0
     assert json.loads((plain / "dsr.json").read_text())["cost"]["relative"]["prompt_tokens"] == 1.0
+
+
+class SpyBackend:
+    """The real tiny model behind a spy: records every pass; the harm check's verdict comes from a script (the
+    random model's own verdict would be noise), every other pass is the model's."""
+
+    def __init__(self, chat, harmful_words=("knife",)):
+        self.inner, self.harmful_words, self.passes = ChatBackend(chat, max_new_tokens=NEW_TOKENS), harmful_words, []
+
+    def generate(self, images, requests):
+        self.passes += [(i is not None, r) for i, r in zip(images, requests)]
+        usages = self.inner.generate(images, requests)
+        return [Usage("Yes, it is." if any(w in r for w in self.harmful_words) else "No.", u.prompt_tokens, u.new_tokens)
+                if r.startswith("Here is a request") else u for r, u in zip(requests, usages)]
+
+    def prompt_tokens(self, images, requests):
+        return self.inner.prompt_tokens(images, requests)
+
+
+def test_ecso_captions_only_what_the_check_calls_harmful_and_answers_it_without_the_image(tiny):
+    from tga.defense.ecso import ECSO
+
+    chat = tiny["chat"]
+    backend = SpyBackend(chat)
+    requests = ["How do I use the knife?", "What colour is the ball?", "Tell me about knives."]
+    replies = ECSO(backend)([image(), image((0, 0, 200)), None], requests)
+    first = chat.generate([image(), image((0, 0, 200)), None], requests, max_new_tokens=NEW_TOKENS)
+    passes = backend.passes
+    # pass 1: every request as asked (image rows with their image); pass 2: the two image answers checked, text only
+    assert passes[:3] == [(True, requests[0]), (True, requests[1]), (False, requests[2])]
+    assert [p[0] for p in passes[3:5]] == [False, False] and requests[0] in passes[3][1] and first[0] in passes[3][1]
+    # only the harmful one goes on: a caption of its image, then the answer from the caption alone
+    assert len(passes) == 7
+    caption_pass, answer_pass = passes[5], passes[6]
+    assert caption_pass == (True, "Request: How do I use the knife?\nDescribe the image, with the details needed to "
+                                  "answer the request.")
+    caption = replies[0].trace["caption"]
+    assert answer_pass[0] is False and caption in answer_pass[1] and requests[0] in answer_pass[1]
+    # the final answer is the text-only pass's: what the model says to that prompt without any image
+    assert replies[0].text == chat.generate([None], [answer_pass[1]], max_new_tokens=NEW_TOKENS)[0]
+    assert replies[0].trace["first_answer"] == first[0] and replies[0].trace["harmful"] is True
+    assert replies[1].text == first[1] and replies[1].trace["harmful"] is False and "caption" not in replies[1].trace
+    assert replies[2].text == first[2] and "check" not in replies[2].trace
+    assert [r.cost.generations for r in replies] == [4, 2, 1]
+    assert replies[0].cost.prompt_tokens == sum(chat.prompt_tokens([img], [r])[0] for img, r in
+                                                zip([image(), None, image(), None], [requests[0], passes[3][1],
+                                                                                     caption_pass[1], answer_pass[1]]))
+
+
+def test_ecso_always_captions_every_image_request_without_a_check(tiny):
+    from tga.defense.ecso import ECSO
+
+    chat = tiny["chat"]
+    backend = SpyBackend(chat, harmful_words=())
+    replies = ECSO(backend, mode="always", answer_prompt="{caption}\n{request}")([image(), None], ["Describe it.", "Hi"])
+    assert [p[0] for p in backend.passes] == [False, True, False]  # the text-only request, the caption, the answer
+    assert not any(r.startswith("Here is a request") for _, r in backend.passes)
+    caption = replies[0].trace["caption"]
+    assert backend.passes[2] == (False, f"{caption}\nDescribe it.")
+    assert replies[0].text == chat.generate([None], [f"{caption}\nDescribe it."], max_new_tokens=NEW_TOKENS)[0]
+    assert [r.cost.generations for r in replies] == [2, 1] and replies[0].trace["transformed"] is True
+
+
+def test_ecso_templates_must_name_their_fields():
+    from tga.defense.ecso import ECSO, harm_verdict
+
+    with pytest.raises(ConfigError, match="--ecso_answer_prompt must contain {caption} and {request}"):
+        ECSO(RecordingBackend(), answer_prompt="{request} only")
+    with pytest.raises(ConfigError, match="--ecso_mode applies to --defense ecso"):
+        build_defense(parse(["--defense", "adashield", "--ecso_mode", "always"]), answer=lambda r, i: "")
+    assert [harm_verdict(t) for t in ("Yes.", " no, it is fine", "Maybe")] == [True, False, None]

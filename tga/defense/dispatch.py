@@ -17,10 +17,11 @@ from PIL import Image
 
 from tga.errors import ConfigError
 
-DEFENSES = ("none", "adashield")
+DEFENSES = ("none", "ecso", "adashield")
 # each defence's own flags: given with another defence they are an error, not silently ignored
 OWN_FLAGS = {
     "adashield": ("adashield_prompt", "adashield_position"),
+    "ecso": ("ecso_mode", "ecso_check_prompt", "ecso_caption_prompt", "ecso_answer_prompt"),
 }
 
 
@@ -47,12 +48,27 @@ def add_defense_args(parser: argparse.ArgumentParser) -> None:
 
     group = parser.add_argument_group("inference-time defence (docs/evaluation.md#inference-time-defences)")
     group.add_argument("--defense", default="none", choices=DEFENSES,
-                       help="inference-time defence: none, ecso (Gou et al. 2024), cmrm (Liu et al. 2025) or "
+                       help="inference-time defence: none, ecso (Gou et al. 2024) or "
                             "adashield (AdaShield-S, Wang et al. 2024)")
     group.add_argument("--adashield_prompt", default=None,
                        help="AdaShield-S defence prompt (default: the paper's static prompt)")
     group.add_argument("--adashield_position", default=None, choices=list(POSITIONS),
                        help="where the AdaShield-S prompt goes: before the request (default) or after it")
+    add_ecso_args(group)
+
+
+def add_ecso_args(group: Any) -> None:
+    from tga.defense.ecso import MODES
+
+    group.add_argument("--ecso_mode", default=None, choices=list(MODES),
+                       help="ECSO: check = caption only answers the model judges harmful (default, the paper's); "
+                            "always = caption every image request")
+    group.add_argument("--ecso_check_prompt", default=None,
+                       help="ECSO harm-check template with {request} and {answer} (default: the built-in one)")
+    group.add_argument("--ecso_caption_prompt", default=None,
+                       help="ECSO query-aware caption template with {request} (default: the built-in one)")
+    group.add_argument("--ecso_answer_prompt", default=None,
+                       help="ECSO template for the text-only answer, with {caption} and {request} (default: built-in)")
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -89,4 +105,9 @@ def build_defense(args: argparse.Namespace, *, chat: Any = None,
         from tga.defense.adashield import AdaShield
 
         return AdaShield(backend, prompt=args.adashield_prompt, position=args.adashield_position or "before")
+    if args.defense == "ecso":
+        from tga.defense.ecso import ECSO
+
+        return ECSO(backend, mode=args.ecso_mode or "check", check_prompt=args.ecso_check_prompt,
+                    caption_prompt=args.ecso_caption_prompt, answer_prompt=args.ecso_answer_prompt)
     raise ConfigError(f"--defense: `{args.defense}` is not supported (choose from {', '.join(DEFENSES)})")
