@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from tga.cli import main
+from tga.data.tokenize import ROLE_ID
 from tga.defense.adashield import ADASHIELD_PROMPTS, AdaShield
 from tga.defense.base import ChatBackend, Cost
 from tga.defense.cost import cost_summary
@@ -232,3 +233,120 @@ def test_ecso_templates_must_name_their_fields():
     with pytest.raises(ConfigError, match="--ecso_mode applies to --defense ecso"):
         build_defense(parse(["--defense", "adashield", "--ecso_mode", "always"]), answer=lambda r, i: "")
     assert [harm_verdict(t) for t in ("Yes.", " no, it is fine", "Maybe")] == [True, False, None]
+
+
+def calibration_data(tiny) -> str:
+    path = tiny["root"] / "calibration.json"
+    records = [{"image": f"scenes/{scene}/0.png", "caption": f"a {colour} square on a plain background"}
+               for scene, colour in (("gun", "red"), ("knife", "blue"))]
+    records.append({"image": "scenes/gun/0.png", "caption": "a red square", "question": "What is this?"})
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+def test_cmrm_hooks_move_the_states_by_exactly_alpha_times_the_shift_and_leave_the_model_as_it_was(tiny):
+    from tga.defense.cmrm import CMRM, Calibration, decoder_layers
+
+    chat, alpha, layer = tiny["chat"], 0.5, 2
+    config = chat.model.config.text_config
+    generator = torch.Generator().manual_seed(0)
+    calibration = Calibration(torch.randn(config.num_hidden_layers, config.hidden_size, generator=generator))
+    images, requests = [image(), None, image((0, 0, 200))], ["What is shown?", "Hello there, how are you?", "Colour?"]
+    before = chat.generate(images, requests, max_new_tokens=NEW_TOKENS)
+    weights = {name: value.clone() for name, value in chat.model.state_dict().items()}
+    raw, moved = [], []
+    target = decoder_layers(chat.model)[layer - 1]
+    watch = target.register_forward_hook(lambda m, a, o: raw.append(o.detach().clone()))
+    defense = CMRM(chat, ChatBackend(chat, max_new_tokens=NEW_TOKENS), calibration, alpha=alpha, layers=str(layer))
+    original_call = defense.backend.generate
+
+    def generate_and_watch(imgs, reqs):  # a second watcher, added after CMRM's hook: it sees the moved states
+        after = target.register_forward_hook(lambda m, a, o: moved.append(o.detach().clone()))
+        try:
+            return original_call(imgs, reqs)
+        finally:
+            after.remove()
+
+    defense.backend.generate = generate_and_watch
+    replies = defense(images, requests)
+    watch.remove()
+    assert len(raw) == len(moved) == NEW_TOKENS  # the prompt pass, then one pass per further generated token
+    encoded, _ = chat.encode(images, requests)
+    _, attention, roles = chat.padded(encoded, left=True)
+    is_image = roles == ROLE_ID["image"]
+    step = -alpha * calibration.shift[layer - 1]
+    for call, (old, new) in enumerate(zip(raw, moved)):
+        difference = new - old
+        for row in range(len(requests)):
+            for position in range(old.shape[1]):
+                if call == 0:  # the prompt: only positions after the image of an image request move
+                    after_image = bool(is_image[row].any()) and position > int(is_image[row].nonzero().max())
+                    expected = after_image and bool(attention[row, position])
+                else:  # a generated token moves when its request has an image
+                    expected = bool(is_image[row].any())
+                if expected:
+                    assert torch.allclose(difference[row, position], step, atol=1e-5), (call, row, position)
+                else:
+                    assert torch.equal(difference[row, position], torch.zeros_like(step)), (call, row, position)
+    assert int(is_image[0].sum()) == chat.model.config.image_seq_length  # image tokens exist and stayed put
+    # afterwards: no hook left on any layer, the same weights, the same answers as before
+    assert all(not layer_module._forward_hooks for layer_module in decoder_layers(chat.model))
+    assert all(torch.equal(value, weights[name]) for name, value in chat.model.state_dict().items())
+    assert chat.generate(images, requests, max_new_tokens=NEW_TOKENS) == before
+    assert [r.cost.generations for r in replies] == [1, 1, 1]
+
+
+def test_cmrm_hooks_are_removed_when_generation_fails(tiny):
+    from tga.defense.cmrm import decoder_layers, shifted_states
+
+    chat = tiny["chat"]
+    hidden = chat.model.config.text_config.hidden_size
+    with pytest.raises(RuntimeError, match="stop"):
+        with shifted_states(chat.model, {1: torch.ones(hidden)}, 1.0, torch.ones(1, 3, dtype=torch.bool),
+                            torch.ones(1, dtype=torch.bool)):
+            assert decoder_layers(chat.model)[0]._forward_hooks
+            raise RuntimeError("stop")
+    assert not decoder_layers(chat.model)[0]._forward_hooks
+
+
+def test_cmrm_calibration_is_the_mean_shift_at_the_last_prompt_token(tiny):
+    from tga.defense.calibrate import calibrate_cmrm, load_calibration_items
+    from tga.safety.evaluate import load_batch_images
+
+    chat = tiny["chat"]
+    items = load_calibration_items(calibration_data(tiny))
+    assert [item.question for item in items] == ["Describe the image.", "Describe the image.", "What is this?"]
+    calibration = calibrate_cmrm(chat, items, batch_size=2)
+    # the same quantity through another path: the model's own hidden states, right padded, read at each last token
+    images = load_batch_images([item.image for item in items])
+    with_image = chat.hidden_states(images, [item.question for item in items])
+    text_only = chat.hidden_states([None] * 3, [f"{item.caption}\n{item.question}" for item in items])
+    layers = chat.model.config.text_config.num_hidden_layers
+    for layer in range(1, layers):  # hidden_states[-1] is after the final norm; the hooks read the layer itself
+        a = with_image.states[layer][torch.arange(3), with_image.last_index]
+        b = text_only.states[layer][torch.arange(3), text_only.last_index]
+        assert torch.allclose(calibration.shift[layer - 1], (a - b).mean(dim=0), atol=1e-4), layer
+    assert calibration.shift.shape == (layers, chat.model.config.text_config.hidden_size)
+
+
+def test_calibrate_command_and_evaluate_with_cmrm(tiny, tmp_path):
+    from tga.defense.cmrm import load_calibration
+
+    out = tmp_path / "cmrm.safetensors"
+    assert main(["calibrate", "cmrm", "--model", tiny["ckpt"], "--data", calibration_data(tiny), "--out", str(out),
+                 "--max_samples", "2"]) == 0
+    calibration = load_calibration(str(out))
+    assert calibration.meta["samples"] == "2" and calibration.shift.shape[0] == 4
+    dsr = tmp_path / "dsr"
+    assert main(["evaluate", "dsr", "--model", tiny["ckpt"], "--data", tiny["scenes"], "--prompts", "Describe it.",
+                 "--max_new_tokens", "3", "--out", str(dsr), "--defense", "cmrm", "--cmrm_file", str(out),
+                 "--cmrm_alpha", "0.5", "--cmrm_layers", "2-3"]) == 0
+    settings = json.loads((dsr / "answers.settings.json").read_text())
+    assert settings["cmrm_layers"] == [2, 3] and settings["cmrm_alpha"] == 0.5
+    assert json.loads((dsr / "dsr.json").read_text())["cost"]["relative"] == {"generations": 1.0, "prompt_tokens": 1.0}
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a file")
+    common = ["evaluate", "dsr", "--model", tiny["ckpt"], "--data", tiny["scenes"], "--out", str(tmp_path / "x")]
+    assert main([*common, "--defense", "cmrm", "--cmrm_file", str(bad)]) == 2
+    assert main([*common, "--defense", "cmrm", "--cmrm_file", str(out), "--cmrm_layers", "0-2"]) == 2
+    assert main([*common, "--defense", "cmrm"]) == 2

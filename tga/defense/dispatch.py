@@ -17,11 +17,12 @@ from PIL import Image
 
 from tga.errors import ConfigError
 
-DEFENSES = ("none", "ecso", "adashield")
+DEFENSES = ("none", "ecso", "cmrm", "adashield")
 # each defence's own flags: given with another defence they are an error, not silently ignored
 OWN_FLAGS = {
     "adashield": ("adashield_prompt", "adashield_position"),
     "ecso": ("ecso_mode", "ecso_check_prompt", "ecso_caption_prompt", "ecso_answer_prompt"),
+    "cmrm": ("cmrm_file", "cmrm_alpha", "cmrm_layers"),
 }
 
 
@@ -48,13 +49,14 @@ def add_defense_args(parser: argparse.ArgumentParser) -> None:
 
     group = parser.add_argument_group("inference-time defence (docs/evaluation.md#inference-time-defences)")
     group.add_argument("--defense", default="none", choices=DEFENSES,
-                       help="inference-time defence: none, ecso (Gou et al. 2024) or "
+                       help="inference-time defence: none, ecso (Gou et al. 2024), cmrm (Liu et al. 2025) or "
                             "adashield (AdaShield-S, Wang et al. 2024)")
     group.add_argument("--adashield_prompt", default=None,
                        help="AdaShield-S defence prompt (default: the paper's static prompt)")
     group.add_argument("--adashield_position", default=None, choices=list(POSITIONS),
                        help="where the AdaShield-S prompt goes: before the request (default) or after it")
     add_ecso_args(group)
+    add_cmrm_args(group)
 
 
 def add_ecso_args(group: Any) -> None:
@@ -69,6 +71,15 @@ def add_ecso_args(group: Any) -> None:
                        help="ECSO query-aware caption template with {request} (default: the built-in one)")
     group.add_argument("--ecso_answer_prompt", default=None,
                        help="ECSO template for the text-only answer, with {caption} and {request} (default: built-in)")
+
+
+def add_cmrm_args(group: Any) -> None:
+    group.add_argument("--cmrm_file", default=None,
+                       help="CMRM calibration file from `tga calibrate cmrm` (required with --defense cmrm)")
+    group.add_argument("--cmrm_alpha", type=float, default=None,
+                       help="CMRM: the image-conditioned states move back by alpha x the calibrated shift (default 1)")
+    group.add_argument("--cmrm_layers", default=None,
+                       help="CMRM: hidden-state layers to shift, e.g. all, 8-16 or 4,8 (default: all)")
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -110,4 +121,14 @@ def build_defense(args: argparse.Namespace, *, chat: Any = None,
 
         return ECSO(backend, mode=args.ecso_mode or "check", check_prompt=args.ecso_check_prompt,
                     caption_prompt=args.ecso_caption_prompt, answer_prompt=args.ecso_answer_prompt)
+    if args.defense == "cmrm":
+        from tga.defense.cmrm import CMRM, load_calibration
+
+        if chat is None:
+            raise ConfigError("--defense cmrm shifts the model's hidden states; it needs the model, not an answer "
+                              "function")
+        if not args.cmrm_file:
+            raise ConfigError("--defense cmrm needs --cmrm_file (from `tga calibrate cmrm`)")
+        return CMRM(chat, backend, load_calibration(args.cmrm_file), alpha=1.0 if args.cmrm_alpha is None
+                    else args.cmrm_alpha, layers=args.cmrm_layers or "all")
     raise ConfigError(f"--defense: `{args.defense}` is not supported (choose from {', '.join(DEFENSES)})")
