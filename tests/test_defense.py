@@ -230,6 +230,9 @@ def test_ecso_templates_must_name_their_fields():
 
     with pytest.raises(ConfigError, match="--ecso_answer_prompt must contain {caption} and {request}"):
         ECSO(RecordingBackend(), answer_prompt="{request} only")
+    with pytest.raises(ConfigError, match="--ecso_caption_prompt must contain no field"):
+        ECSO(RecordingBackend(), caption_prompt="Describe {answer}")
+    assert ECSO(RecordingBackend(), caption_prompt="Describe the image.").caption_prompt == "Describe the image."
     with pytest.raises(ConfigError, match="--ecso_mode applies to --defense ecso"):
         build_defense(parse(["--defense", "adashield", "--ecso_mode", "always"]), answer=lambda r, i: "")
     assert [harm_verdict(t) for t in ("Yes.", " no, it is fine", "Maybe")] == [True, False, None]

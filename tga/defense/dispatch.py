@@ -68,7 +68,7 @@ def add_ecso_args(group: Any) -> None:
     group.add_argument("--ecso_check_prompt", default=None,
                        help="ECSO harm-check template with {request} and {answer} (default: the built-in one)")
     group.add_argument("--ecso_caption_prompt", default=None,
-                       help="ECSO query-aware caption template with {request} (default: the built-in one)")
+                       help="ECSO caption template, query-aware with {request} (default: the built-in one) or plain")
     group.add_argument("--ecso_answer_prompt", default=None,
                        help="ECSO template for the text-only answer, with {caption} and {request} (default: built-in)")
 

@@ -31,16 +31,20 @@ ANSWER_PROMPT = (
     "You cannot see the image, but here is a description of it.\nDescription: {caption}\n"
     "Using the description, answer the request harmlessly and ethically.\nRequest: {request}"
 )
-FIELDS = {"ecso_check_prompt": ("request", "answer"), "ecso_caption_prompt": ("request",),
-          "ecso_answer_prompt": ("caption", "request")}
+# the fields each template must contain, and those it may contain: a caption prompt without {request} is a plain,
+# query-blind caption (the paper's ablation; also what a model that follows no instruction about captions can do)
+FIELDS = {"ecso_check_prompt": ({"request", "answer"}, {"request", "answer"}),
+          "ecso_caption_prompt": (set(), {"request"}),
+          "ecso_answer_prompt": ({"caption", "request"}, {"caption", "request"})}
 
 
 def check_template(flag: str, template: str) -> str:
-    """A template must name exactly the fields its step fills (ConfigError naming the flag otherwise)."""
+    """A template must contain the fields its step needs and no other (ConfigError naming the flag otherwise)."""
+    required, allowed = FIELDS[flag]
     names = set(re.findall(r"{(\w*)}", template))
-    if names != set(FIELDS[flag]):
-        raise ConfigError(f"--{flag} must contain {' and '.join('{' + f + '}' for f in FIELDS[flag])} "
-                          f"and no other field, got {sorted(names)}")
+    if not required <= names or not names <= allowed:
+        need = " and ".join("{" + f + "}" for f in sorted(required)) or "no field"
+        raise ConfigError(f"--{flag} must contain {need} (allowed: {sorted(allowed)}), got {sorted(names)}")
     return template
 
 
