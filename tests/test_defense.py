@@ -353,3 +353,20 @@ def test_calibrate_command_and_evaluate_with_cmrm(tiny, tmp_path):
     assert main([*common, "--defense", "cmrm", "--cmrm_file", str(bad)]) == 2
     assert main([*common, "--defense", "cmrm", "--cmrm_file", str(out), "--cmrm_layers", "0-2"]) == 2
     assert main([*common, "--defense", "cmrm"]) == 2
+
+
+def test_chat_prints_the_defended_answer_and_refuses_retrieval_with_a_defence(capsys):
+    from tga.defense.base import Reply
+    from tga.safety.chat import answer
+
+    seen = []
+
+    def defense(images, requests):
+        seen.append((images, requests))
+        return [Reply("I am sorry", Cost(2, None, None, None))]
+
+    picture = image()
+    assert answer(object(), picture, "Describe it.", defense=defense) == "I am sorry"
+    assert seen == [([picture], ["Describe it."])] and capsys.readouterr().out == "I am sorry\n"
+    with pytest.raises(ConfigError, match="--retrieve and --defense cannot be combined"):
+        answer(object(), picture, "Describe it.", defense=defense, retriever=lambda img: "text")

@@ -178,6 +178,12 @@ def test_plans_are_checked_before_anything_runs(tmp_path):
     assert parse_plan(base).seeds == (0,)
     with pytest.raises(ConfigError, match="unknown keys"):
         parse_plan({**base, "method": {}})
+    llava = parse_plan({**base, "methods": {"llava": {"defenses": {"ecso": {"ecso_mode": "always"},
+                                                                   "shield2": {"defense": "adashield"}}}}})
+    assert llava.method("llava").defenses == {"ecso": {"ecso_mode": "always", "defense": "ecso"},
+                                              "shield2": {"defense": "adashield"}}
+    with pytest.raises(ConfigError, match=re.escape("methods.llava.defenses.shield: `shield` is not a defence")):
+        parse_plan({**base, "methods": {"llava": {"defenses": {"shield": {}}}}})
     with pytest.raises(ConfigError, match=re.escape("methods.bad.base `nope`")):
         parse_plan({**base, "methods": {"llava": {}, "bad": {"base": "nope", "unlearn": {}}}})
     with pytest.raises(ConfigError, match="seeds repeat"):
