@@ -101,12 +101,15 @@ def plot_defenses(defenses: dict, path: str) -> str | None:
         return None
     figure = Figure(figsize=(5.6, 4.0))
     axes = figure.add_subplot(1, 1, 1)
+    placed: dict[tuple[float, float], int] = {}  # labels of points at the same place stack upwards
     for method, entries in defenses.items():
         for label, entry in entries.items():
             x, y = entry["summary"]["false_refusal"]["mean"], entry["summary"]["image_dsr"]["mean"]
             cost = entry["summary"]["tokens_relative"]["mean"]
             axes.scatter([x], [y], s=30)
-            axes.annotate(f"{method}/{label} ({cost:.1f}× tokens)", (x, y), fontsize=7, xytext=(4, 3),
+            above = placed.get((round(x, 3), round(y, 3)), 0)
+            placed[(round(x, 3), round(y, 3))] = above + 1
+            axes.annotate(f"{method}/{label} ({cost:.1f}× tokens)", (x, y), fontsize=7, xytext=(4, 3 + 9 * above),
                           textcoords="offset points")
     axes.set_xlim(-0.05, 1.05)
     axes.set_ylim(-0.05, 1.05)
