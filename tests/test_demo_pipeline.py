@@ -38,7 +38,10 @@ def plan_file(folder, methods, seeds=(0,)) -> str:
 def reduced_demo(tmp_path_factory):
     folder = tmp_path_factory.mktemp("demo")
     guide = {"tga": True, "tga_layers": "1-2"}  # the untrained tiny LLM has no activation layer for `auto`
-    methods = {"llava": {}, "tga": {"stage1": guide, "stage2": guide},
+    defenses = {"ecso": {"ecso_mode": "always", "ecso_caption_prompt": "Describe the image.",
+                         "ecso_answer_prompt": "{caption}\n{request}"},
+                "cmrm": {"calibration_samples": 4, "cmrm_layers": "1-2"}, "adashield": {}}
+    methods = {"llava": {"defenses": defenses}, "tga": {"stage1": guide, "stage2": guide},
                "tga_centred": {"stage1": {**guide, "tga_form": "contrastive", "tga_center": True},
                                "stage2": {**guide, "tga_form": "contrastive", "tga_center": True}},
                "unlearn": {"base": "llava", "unlearn": {"max_steps": 2}}}
@@ -81,6 +84,36 @@ def test_report_covers_every_method_seed_and_stage_with_rates_in_0_1(reduced_dem
     assert costs["tga"]["stage2"] == pytest.approx((seed0["wall_time_s"] / seed0["steps"]
                                                     + seed1["wall_time_s"] / seed1["steps"]) / 2)
     assert "Training cost per step" in open(os.path.join(out, "report.md"), encoding="utf-8").read()
+
+
+@pytest.mark.slow
+def test_defences_run_on_the_baseline_and_report_safety_utility_and_cost(reduced_demo):
+    out, report = reduced_demo["out"], reduced_demo["report"]
+    defenses = report["context"]["defenses"]
+    assert list(defenses) == ["llava"] and set(defenses["llava"]) == {"none", "ecso", "cmrm", "adashield"}
+    assert list(defenses["llava"])[0] == "none"  # the reference row first
+    for seed in ("0", "1"):
+        none = defenses["llava"]["none"]["per_seed"][seed]
+        # the undefended row is the method's own stage-2 evaluation, at one generation and the reference cost
+        assert none["image_dsr"] == report["methods"]["llava"]["per_seed"][seed]["stage2"]["image_dsr"]
+        assert none["generations_per_request"] == 1 and none["tokens_relative"] == 1
+        folder = os.path.join(out, f"seed{seed}", "llava", "defense_ecso")
+        image = answers(os.path.join(folder, "image_dsr", "answers.jsonl"))
+        ecso = defenses["llava"]["ecso"]["per_seed"][seed]
+        assert ecso["image_dsr"] == pytest.approx(sum(r["refusal"] for r in image) / len(image))
+        assert ecso["generations_per_request"] == 2  # always: a caption with the image, then the text-only answer
+        assert all(r["answer"] == r["defense"]["text_only_answer"] for r in image)
+        assert defenses["llava"]["adashield"]["per_seed"][seed]["tokens_relative"] > 1
+        assert defenses["llava"]["cmrm"]["per_seed"][seed]["generations_per_request"] == 1
+        assert os.path.exists(os.path.join(out, f"seed{seed}", "llava", "defense_cmrm", "cmrm.safetensors"))
+        for entry in defenses["llava"].values():
+            assert all(0.0 <= entry["per_seed"][seed][name] <= 1.0 for name in ("image_dsr", "false_refusal",
+                                                                                "benign_vqa_accuracy"))
+    markdown = open(os.path.join(out, "report.md"), encoding="utf-8").read()
+    assert "## Inference-time defences" in markdown and "| llava | cmrm |" in markdown
+    assert os.path.getsize(os.path.join(out, "defenses.png")) > 0
+    script = open(os.path.join(out, "commands.sh"), encoding="utf-8").read()
+    assert "tga calibrate cmrm" in script and "--defense adashield" in script
 
 
 @pytest.mark.slow
@@ -153,6 +186,12 @@ def test_plans_are_checked_before_anything_runs(tmp_path):
     assert parse_plan(base).seeds == (0,)
     with pytest.raises(ConfigError, match="unknown keys"):
         parse_plan({**base, "method": {}})
+    llava = parse_plan({**base, "methods": {"llava": {"defenses": {"ecso": {"ecso_mode": "always"},
+                                                                   "shield2": {"defense": "adashield"}}}}})
+    assert llava.method("llava").defenses == {"ecso": {"ecso_mode": "always", "defense": "ecso"},
+                                              "shield2": {"defense": "adashield"}}
+    with pytest.raises(ConfigError, match=re.escape("methods.llava.defenses.shield: `shield` is not a defence")):
+        parse_plan({**base, "methods": {"llava": {"defenses": {"shield": {}}}}})
     with pytest.raises(ConfigError, match=re.escape("methods.bad.base `nope`")):
         parse_plan({**base, "methods": {"llava": {}, "bad": {"base": "nope", "unlearn": {}}}})
     with pytest.raises(ConfigError, match="seeds repeat"):

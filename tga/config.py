@@ -61,6 +61,9 @@ class DataArguments:
     lazy_preprocess: bool = True                        # LLaVA flag; preprocessing is always lazy here
     is_multimodal: bool = True                          # LLaVA flag; accepted for compatibility
     # fmt: on
+    # VLGuard-style safety data mixed into stage 2 (docs/training.md#safety-data-vlguard-style)
+    safety_data: str | None = field(default=None, metadata={"help": "Records of images with refusals (VLGuard-style, LLaVA JSON/JSONL), mixed into the training data."})
+    safety_ratio: float | None = field(default=None, metadata={"help": "Share of safety records among all records of an epoch, in (0, 1); default: every safety record once."})
 
 
 @dataclass
@@ -206,6 +209,10 @@ def check_config(model_args, data_args, tga_args, training_args) -> None:
         raise ConfigError("--mm_use_im_start_end / --mm_use_im_patch_token are not supported (HF Llava token layout)")
     if data_args.data_path is None:
         raise ConfigError("--data_path is required")
+    if data_args.safety_ratio is not None and data_args.safety_data is None:
+        raise ConfigError("--safety_ratio needs --safety_data (the safety records it mixes in)")
+    if data_args.safety_ratio is not None and not 0.0 < data_args.safety_ratio < 1.0:
+        raise ConfigError(f"--safety_ratio must lie strictly between 0 and 1, got {data_args.safety_ratio}")
     if data_args.image_aspect_ratio not in ("pad", "resize"):
         raise ConfigError(f"--image_aspect_ratio `{data_args.image_aspect_ratio}` must be pad or resize")
     if tga_args.tga_form not in ("paper", "released", "contrastive"):

@@ -21,6 +21,15 @@ from tga.model.vision import folder_aspect_ratio, load_image_processor
 from tga.model.vlm import load_vlm
 
 
+@dataclass(frozen=True)
+class Usage:
+    """One generated answer and its cost in tokens."""
+
+    text: str
+    prompt_tokens: int | None  # prompt length, image tokens included (None: not counted)
+    new_tokens: int | None  # generated tokens, the end-of-sequence token included
+
+
 @dataclass
 class HiddenStates:
     states: tuple[torch.Tensor, ...]  # (L+1) x [B, T, H]; index 0 = embeddings
@@ -71,6 +80,14 @@ class ChatModel:
     def generate(self, images: list[Image.Image | None], questions: list[str], *, max_new_tokens: int = 64,
                  retrieved: list[str | None] | None = None, streamer=None) -> list[str]:
         """Greedy answers, one per (image, question); batched with left padding."""
+        return [usage.text for usage in self.generate_usage(images, questions, max_new_tokens=max_new_tokens,
+                                                             retrieved=retrieved, streamer=streamer)]
+
+    @torch.no_grad()
+    def generate_usage(self, images: list[Image.Image | None], questions: list[str], *, max_new_tokens: int = 64,
+                       retrieved: list[str | None] | None = None, streamer=None) -> list[Usage]:
+        """`generate`, with the tokens each answer cost: its prompt (image tokens included) and the generated tokens up
+        to and including the end-of-sequence token."""
         encoded, pixel_values = self.encode(images, questions, retrieved)
         ids, attention, _ = self.padded(encoded, left=True)
         # a text-only batch must not pass pixel_values=None: transformers 5 would still run the vision encoder on it
@@ -80,7 +97,17 @@ class ChatModel:
             do_sample=False, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
             streamer=streamer,
         )
-        return [text.strip() for text in self.tokenizer.batch_decode(output[:, ids.shape[1] :], skip_special_tokens=True)]
+        new = output[:, ids.shape[1] :]
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        ended = new == self.tokenizer.eos_token_id
+        # generated length: up to the first end-of-sequence token (what follows it is padding), else all of it
+        lengths = [int(row.nonzero()[0, 0]) + 1 if bool(row.any()) else new.shape[1] for row in ended]
+        return [Usage(text.strip(), e.input_ids.numel(), n) for text, e, n in zip(texts, encoded, lengths)]
+
+    def prompt_tokens(self, images: list[Image.Image | None], questions: list[str]) -> list[int]:
+        """The prompt length of each (image, question), image tokens included, without running the model."""
+        return [self.builder.encode(self.segments(q, with_image=i is not None), record_id=f"prompt {n}").input_ids.numel()
+                for n, (i, q) in enumerate(zip(images, questions))]
 
     @torch.no_grad()
     def hidden_states(self, images: list[Image.Image | None], texts: list[str]) -> HiddenStates:

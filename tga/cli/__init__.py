@@ -21,6 +21,7 @@ SUBCOMMANDS = [
     "tga.cli.caption_cmd",
     "tga.cli.analyze_cmd",
     "tga.cli.evaluate_cmd",
+    "tga.cli.calibrate_cmd",
     "tga.cli.chat_cmd",
     "tga.cli.unlearn_cmd",
     "tga.cli.export_cmd",

@@ -2,14 +2,15 @@
 
 `tga chat --model DIR [--image PATH] ["question"]`: answers one question with the tokens streamed to the
 terminal, or, without a question, runs an interactive loop about the same image. `--retrieve INDEX` puts the
-top corpus text for the image (a `tga retrieve --index_path` folder) into the prompt. Thin: the work is in
-`tga.safety.chat`.
+top corpus text for the image (a `tga retrieve --index_path` folder) into the prompt; `--defense` answers through an
+inference-time defence (tga.defense). Thin: the work is in `tga.safety.chat`.
 """
 
 from __future__ import annotations
 
 import argparse
 
+from tga.defense.dispatch import add_defense_args, check_flags
 from tga.errors import ConfigError
 
 
@@ -20,18 +21,27 @@ def _chat(args: argparse.Namespace) -> int:
     from tga.safety.loading import load_chat
 
     ensure_model_dir(args.model)
+    check_flags(args)
     image = open_image(args.image, "--image") if args.image else None
     if args.retrieve and image is None:
         raise ConfigError("--retrieve needs --image (retrieval looks up text for the image)")
+    if args.retrieve and args.defense != "none":
+        raise ConfigError("--retrieve and --defense cannot be combined (a defence builds its own prompts)")
     retriever = None
     if args.retrieve:
         retriever = load_retriever(args.retrieve, device=args.device, model_config=args.retrieval_model_config)
     chat = load_chat(args.model, device=args.device, dtype=args.dtype)
+    defense = None
+    if args.defense != "none":
+        from tga.defense.dispatch import build_defense
+
+        defense = build_defense(args, chat=chat)
     if args.question:
-        answer(chat, image, " ".join(args.question), max_new_tokens=args.max_new_tokens, retriever=retriever)
+        answer(chat, image, " ".join(args.question), max_new_tokens=args.max_new_tokens, retriever=retriever,
+               defense=defense)
         return 0
     print("Ask about the image; 'exit' or Ctrl-D to leave.")
-    interactive(chat, image, max_new_tokens=args.max_new_tokens, retriever=retriever)
+    interactive(chat, image, max_new_tokens=args.max_new_tokens, retriever=retriever, defense=defense)
     return 0
 
 
@@ -52,4 +62,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="model dtype (default: float32)"
     )
+    add_defense_args(parser)
     parser.set_defaults(func=_chat)

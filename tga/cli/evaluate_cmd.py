@@ -1,18 +1,18 @@
 """tga/cli/evaluate_cmd.py
 
 `tga evaluate dsr` (defence success rate on toxic scenes, judged by a keyword or LLM judge) and
-`tga evaluate vqa` (benign VQA accuracy and false refusals). Both resume from their answer files. Data,
-images and the model folder are checked before the model is loaded. Thin: the work is in
-`tga.safety.evaluate` and `tga.safety.vqa`.
+`tga evaluate vqa` (benign VQA accuracy and false refusals). Both resume from their answer files and can answer
+through an inference-time defence (`--defense`, tga.defense). Data, images and the model folder are checked before the
+model is loaded. Thin: the work is in `tga.safety.evaluate` and `tga.safety.vqa`.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 from typing import Any
 
+from tga.defense.dispatch import add_defense_args, check_flags
 from tga.safety.scenes import DEFAULT_PROMPTS
 
 
@@ -24,21 +24,24 @@ def _judge(args: argparse.Namespace) -> Any:
     return get_judge(args.judge)
 
 
-def _settings(args: argparse.Namespace) -> dict[str, Any]:
+def _settings(args: argparse.Namespace, generator: Any) -> dict[str, Any]:
     return {
         "model": os.path.abspath(args.model),
         "max_new_tokens": args.max_new_tokens,
         "dtype": args.dtype,
         "template": args.template,
         "judge_model": os.path.abspath(args.judge_model) if args.judge_model else None,
+        **generator.settings(),  # the defence and its options (nothing without one)
     }
 
 
 def _generator(args: argparse.Namespace) -> Any:
+    """The model, answering through the defence the flags ask for (`--defense none`: once, as asked)."""
+    from tga.defense.dispatch import build_defense
     from tga.safety.loading import load_chat
 
     chat = load_chat(args.model, device=args.device, dtype=args.dtype, template=args.template)
-    return functools.partial(chat.generate, max_new_tokens=args.max_new_tokens)
+    return build_defense(args, chat=chat)
 
 
 def _dsr(args: argparse.Namespace) -> int:
@@ -47,16 +50,18 @@ def _dsr(args: argparse.Namespace) -> int:
     from tga.safety.scenes import load_scene_items
 
     ensure_model_dir(args.model)
+    check_flags(args)
     items = load_scene_items(args.data, args.prompts, args.image_folder)
     check_images([item.image for item in items])
     judge = _judge(args)
+    generator = _generator(args)
     report = run_dsr(
-        _generator(args),
+        generator,
         judge,
         items,
         args.out,
         batch_size=args.batch_size,
-        settings=_settings(args),
+        settings=_settings(args, generator),
         overwrite=args.overwrite,
     )
     print(dsr_markdown(report), end="")
@@ -69,18 +74,20 @@ def _vqa(args: argparse.Namespace) -> int:
     from tga.safety.vqa import SHORT_ANSWER_SUFFIX, load_vqa_items, run_vqa
 
     ensure_model_dir(args.model)
+    check_flags(args)
     items = load_vqa_items(args.data, args.image_folder)
     check_images([item.image for item in items])
     judge = _judge(args)
     suffix = SHORT_ANSWER_SUFFIX if args.suffix is None else args.suffix
+    generator = _generator(args)
     report = run_vqa(
-        _generator(args),
+        generator,
         judge,
         items,
         args.out,
         batch_size=args.batch_size,
         suffix=suffix,
-        settings=_settings(args),
+        settings=_settings(args, generator),
         overwrite=args.overwrite,
     )
     print(
@@ -106,6 +113,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--template", default=None, help="conversation template instead of the model's own (e.g. a stage-1 model)"
     )
+    add_defense_args(parser)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

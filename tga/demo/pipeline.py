@@ -2,14 +2,14 @@
 
 Turns a plan (`tga.demo.plan`) into the phases of a run and runs them: the world and its two pretrained models, text
 retrieval for every training image, the activation layer of the text LLM, then for every seed and method stage 1,
-its evaluation, stage 2 (or unlearning) and its evaluation; finally the report. Methods whose stage-1 options are
-equal share one stage-1 run. Phases run one after the other in this process, or with `jobs` > 1 side by side in
+its evaluation, stage 2 (or unlearning) and its evaluation, and the inference-time defences a method lists, evaluated
+on its stage-2 model; finally the report. Methods whose stage-1 options are equal share one stage-1 run. Phases run one after the other in this process, or with `jobs` > 1 side by side in
 child processes (`tga.demo.parallel`). Layout of the run folder:
 
     assets/                      world, tiny CLIP, text LLM (`tga demo-assets`)
     data/                        stage-1/2 records with `retrieved_caption` (`tga retrieve`)
     activation/                  activation layer of the text LLM (`tga analyze activation`)
-    seed{S}/{method}/stage1|stage2, eval_stage1|eval_stage2
+    seed{S}/{method}/stage1|stage2, eval_stage1|eval_stage2, defense_{label} (a defence on the stage-2 model)
     commands.sh, report.md, report.json, *.png
 """
 
@@ -62,6 +62,37 @@ def evaluation_commands(model: str, folder: str, paths: dict[str, str], settings
          "--image_folder", paths["image_folder"], "--question", question, "--template", CHAT_TEMPLATE,
          "--batch_size", str(settings["batch_size"]), "--out", os.path.join(folder, "similarity")),
     )
+
+
+CMRM_CALIBRATION_SAMPLES = 64  # stage-1 images with their captions (a defence option may set calibration_samples)
+
+
+def defense_commands(model: str, folder: str, paths: dict[str, str], settings: dict,
+                     options: dict) -> tuple[tuple[str, ...], ...]:
+    """One defence on one model folder: image DSR, benign VQA and benign describe (accuracy and false refusals), each
+    answered through `--defense`; CMRM first calibrates on stage-1 images with their captions."""
+    options = dict(options)
+    samples = options.pop("calibration_samples", CMRM_CALIBRATION_SAMPLES)
+    flags = flag_argv(options)
+    commands = []
+    if options["defense"] == "cmrm":
+        calibration = os.path.join(folder, "cmrm.safetensors")
+        commands.append(("calibrate", "cmrm", "--model", model, "--data", paths["stage1_data"], "--image_folder",
+                         paths["image_folder"], "--question", paths["dsr_question"], "--template", CHAT_TEMPLATE,
+                         "--max_samples", str(samples), "--batch_size", str(settings["batch_size"]),
+                         "--out", calibration))
+        flags += ["--cmrm_file", calibration]
+    common = ["--model", model, "--template", CHAT_TEMPLATE, "--max_new_tokens", str(settings["max_new_tokens"]),
+              "--batch_size", str(settings["batch_size"]), *flags]
+    commands += [
+        ("evaluate", "dsr", "--data", paths["toxic_test_folder"], "--prompts", paths["dsr_question"],
+         "--out", os.path.join(folder, "image_dsr"), *common),
+        ("evaluate", "vqa", "--data", paths["benign_vqa_test"], "--image_folder", paths["image_folder"],
+         "--suffix", "", "--out", os.path.join(folder, "benign_vqa"), *common),
+        ("evaluate", "vqa", "--data", paths["benign_describe_test"], "--image_folder", paths["image_folder"],
+         "--suffix", "", "--out", os.path.join(folder, "benign_describe"), *common),
+    ]
+    return tuple(commands)
 
 
 def assets_phase(plan: Plan, out: str, train_models: bool = False) -> Phase:
@@ -153,7 +184,17 @@ def seed_phases(plan: Plan, out: str, paths: dict[str, str], seed: int) -> list[
         phases.append(Phase(f"seed{seed}/{method.name}/eval_stage2", folder,
                             evaluation_commands(stage2, folder, paths, plan.evaluation),
                             (f"seed{seed}/{method.name}/stage2",), kind="evaluate"))
+        for label, options in method.defenses.items():
+            folder = defense_folder(out, seed, method.name, label)
+            phases.append(Phase(f"seed{seed}/{method.name}/defense_{label}", folder,
+                                defense_commands(stage2, folder, paths, plan.evaluation, options),
+                                (f"seed{seed}/{method.name}/stage2",), kind="defense"))
     return phases
+
+
+def defense_folder(out: str, seed: int, method: str, label: str) -> str:
+    """Where a defence's evaluation of a method's stage-2 model lives."""
+    return os.path.join(out, f"seed{seed}", method, f"defense_{label}")
 
 
 def stage1_folder(plan: Plan, out: str, seed: int, method: Method) -> str:

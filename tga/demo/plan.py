@@ -6,6 +6,8 @@ stage recipes, how to evaluate, and the methods. A method is a set of flag overr
 unlearning run on another method's stage-2 model. A plan file's recipe paths are relative to the plan file, so a plan
 works from any folder and from an installed package. Everything is checked when the plan is read, so a typo or a
 missing recipe fails before any training starts, naming the option.
+A method may also list inference-time defences (`defenses:`), evaluated on its stage-2 model (they cost evaluation
+only).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from tga.errors import ConfigError
 
 PLAN_KEYS = {"assets", "seeds", "configs", "recipe", "evaluation", "methods", "description"}
 RECIPE_STAGES = ("stage1", "stage2", "unlearn")
-METHOD_KEYS = {"stage1", "stage2", "base", "unlearn", "description"}
+METHOD_KEYS = {"stage1", "stage2", "base", "unlearn", "description", "defenses"}
+DEFENSES = ("ecso", "cmrm", "adashield")  # tga.defense.dispatch.DEFENSES less "none" (the method's own evaluation)
 EVALUATION_DEFAULTS = {"max_new_tokens": 48, "batch_size": 64}
 
 
@@ -41,6 +44,8 @@ class Method:
     stage2: dict[str, Any] = field(default_factory=dict)
     base: str | None = None
     unlearn: dict[str, Any] | None = None
+    # {label: {"defense": name, flag: value, ...}}: inference-time defences evaluated on the stage-2 model
+    defenses: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def is_unlearning(self) -> bool:
@@ -83,16 +88,33 @@ def _method(name: str, spec: Any, path: str) -> Method:
         raise ConfigError(f"{path}: methods.{name} has unknown keys {sorted(unknown)}; allowed: {sorted(METHOD_KEYS)}")
     if not name.replace("_", "").replace("-", "").isalnum():
         raise ConfigError(f"{path}: method name `{name}` must be letters, digits, `_` or `-` (it names a folder)")
+    defenses = _defenses(spec.pop("defenses", None), f"{path}: methods.{name}.defenses")
     if "unlearn" in spec:
         if not spec.get("base"):
             raise ConfigError(f"{path}: methods.{name} unlearns, so it needs `base:` (the method it starts from)")
         if "stage1" in spec or "stage2" in spec:
             raise ConfigError(f"{path}: methods.{name}: an unlearning method takes no stage1/stage2 options")
-        return Method(name, base=spec["base"], unlearn=_mapping(spec["unlearn"], f"{path}: methods.{name}.unlearn"))
+        return Method(name, base=spec["base"], unlearn=_mapping(spec["unlearn"], f"{path}: methods.{name}.unlearn"),
+                      defenses=defenses)
     if spec.get("base"):
         raise ConfigError(f"{path}: methods.{name}: `base` is only for unlearning methods (add `unlearn:`)")
     return Method(name, _mapping(spec.get("stage1"), f"{path}: methods.{name}.stage1"),
-                  _mapping(spec.get("stage2"), f"{path}: methods.{name}.stage2"))
+                  _mapping(spec.get("stage2"), f"{path}: methods.{name}.stage2"), defenses=defenses)
+
+
+def _defenses(value: Any, where: str) -> dict[str, dict[str, Any]]:
+    """{label: options}: the defence is `options["defense"]`, or the label itself when it names one."""
+    defenses = {}
+    for label, options in _mapping(value, where).items():
+        options = _mapping(options, f"{where}.{label}")
+        defense = options.setdefault("defense", label)
+        if defense not in DEFENSES:
+            raise ConfigError(f"{where}.{label}: `{defense}` is not a defence (choose from {', '.join(DEFENSES)}; "
+                              "give `defense:` when the label is not one)")
+        if not str(label).replace("_", "").isalnum():
+            raise ConfigError(f"{where}: defence label `{label}` must be letters, digits or `_` (it names a folder)")
+        defenses[str(label)] = options
+    return defenses
 
 
 def parse_plan(data: Any, path: str = "<plan>") -> Plan:

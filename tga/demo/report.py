@@ -2,8 +2,9 @@
 
 The report of a demo or sweep run: every method's metrics after stage 1 and after stage 2 for every seed (recomputed
 from the saved answers by `tga.demo.metrics`), their mean and spread over seeds, the activation layer of the text
-LLM, the pretrained models' quality, wall times and the commands file; written as `report.json`, `report.md` and
-three plots (DSR and refusal bars, per-layer cos(image, caption), per-layer specificity).
+LLM, the pretrained models' quality, wall times and the commands file, and the inference-time defences
+(`tga.demo.defense_report`); written as `report.json`, `report.md` and the plots (DSR and refusal bars, per-layer
+cos(image, caption), per-layer specificity, defences' DSR against false refusal).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from statistics import mean, stdev
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from tga.demo.defense_report import collect_defenses, defense_markdown, plot_defenses
 from tga.demo.metrics import model_metrics
 from tga.demo.plan import Plan
 
@@ -175,6 +177,10 @@ def _markdown(plan: Plan, methods: dict, context: dict) -> str:
     if context.get("step_costs"):
         lines += ["", _cost_line(context["step_costs"])]
     lines += ["", "![rates](rates.png)", "", "![cosine](cosine.png)", "", "![specificity](specificity.png)", ""]
+    lines += defense_markdown(context.get("defenses", {}))
+    if context.get("defense_seconds"):
+        lines += ["Wall time of each defence's evaluation phase (calibration included): " + ", ".join(
+            f"{name} {value:.0f} s" for name, value in context["defense_seconds"].items()) + ".", ""]
     activation = context.get("activation")
     if activation:
         layer = activation["mean_activation_layer"]
@@ -234,9 +240,14 @@ def write_report(plan: Plan, out: str, run: dict) -> dict:
                "llm_metrics": assets.get("llm_metrics", {}), "seconds": run["seconds"],
                "activation": activation and {k: activation.get(k) for k in ("mean_activation_layer", "num_layers",
                                                                             "activated_fraction")}}
-    context["method_seconds"] = {
+    context["method_seconds"] = {  # its training and evaluation; the defences' phases are timed on their own
         method.name: sum(record["seconds"] for name, record in run["phases"].items()
-                         if name.split("/")[1:2] == [method.name]) / len(plan.seeds) for method in plan.methods}
+                         if name.split("/")[1:2] == [method.name] and record.get("kind") != "defense")
+        / len(plan.seeds) for method in plan.methods}
+    context["defenses"] = collect_defenses(plan, out)
+    context["defense_seconds"] = {
+        name.split("/", 1)[1]: record["seconds"] for name, record in run["phases"].items()
+        if record.get("kind") == "defense"}
     context["step_costs"] = step_costs(plan, out)
     context["shipped_models"] = {name: step["seconds"] for name, step in assets.get("steps", {}).items()
                                  if step.get("prebuilt")}
@@ -251,6 +262,7 @@ def write_report(plan: Plan, out: str, run: dict) -> dict:
     plot_rates(methods, os.path.join(out, "rates.png"))
     plot_layers(methods, "cosine", "cos(image, caption)", os.path.join(out, "cosine.png"))
     plot_layers(methods, "specificity", "specificity", os.path.join(out, "specificity.png"))
+    plot_defenses(context["defenses"], os.path.join(out, "defenses.png"))
     with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as handle:
         handle.write(_markdown(plan, methods, context))
     return report

@@ -3,7 +3,8 @@
 The conversation front-end behind `tga chat`: one question about an image (or text only) answered with the
 tokens streamed to the terminal by transformers' `TextStreamer`, an interactive loop of such questions, and
 optional retrieval of a caption-corpus text for the image (a `tga.retrieval` index folder) that the model
-sees as `Retrieved Text:` in the prompt, the way TGA training presents it.
+sees as `Retrieved Text:` in the prompt, the way TGA training presents it. With an inference-time defence
+(`tga.defense`) the defended answer is printed whole once it is final, since a defence may generate several times.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def answer(
     max_new_tokens: int = 256,
     retriever: Retriever | None = None,
     stream: bool = True,
+    defense: Callable[[list[Image.Image | None], list[str]], list[Any]] | None = None,
 ) -> str:
     """Answer one question, streaming the tokens to stdout.
 
@@ -82,10 +84,19 @@ def answer(
         max_new_tokens: answer length limit.
         retriever: optional image -> retrieved text (needs an image).
         stream: print tokens as they are generated.
+        defense: an inference-time defence over `chat` (`tga.defense.dispatch.build_defense`); its final answer is
+            printed when it is ready (not with `retriever`).
 
     Returns:
         The full answer.
     """
+    if defense is not None:
+        if retriever is not None:
+            raise ConfigError("--retrieve and --defense cannot be combined (a defence builds its own prompts)")
+        text = defense([image], [question])[0].text
+        if stream:
+            print(text, flush=True)
+        return text
     from transformers import TextStreamer
 
     retrieved = retriever(image) if retriever is not None and image is not None else None
@@ -102,6 +113,7 @@ def interactive(
     max_new_tokens: int = 256,
     retriever: Retriever | None = None,
     read: Callable[[str], str] = input,
+    defense: Callable[[list[Image.Image | None], list[str]], list[Any]] | None = None,
 ) -> int:
     """Ask questions about one image until EOF or an exit word; each question is a fresh single turn.
 
@@ -120,5 +132,5 @@ def interactive(
         if not question:
             continue
         print("model> ", end="", flush=True)
-        answer(chat, image, question, max_new_tokens=max_new_tokens, retriever=retriever)
+        answer(chat, image, question, max_new_tokens=max_new_tokens, retriever=retriever, defense=defense)
         answered += 1

@@ -3,8 +3,8 @@
 Defence success rate (DSR) on toxic scenes, as in the paper's experiments: every image of every scene is
 asked each prompt, the answer is judged (True = refusal, i.e. the defence succeeded), and DSR is the share
 of refusals per scene, with the macro average over scenes and the micro average over all answers. Answers
-are generated in batches through any generator callable (`ChatModel.generate` or a stand-in) and appended
-to `answers.jsonl` as each batch finishes, so a killed run resumes without regenerating them; `dsr.json`
+are generated in batches through any generator callable (`ChatModel.generate`, an inference-time defence from
+`tga.defense`, whose replies carry their cost, or a stand-in) and appended to `answers.jsonl` as each batch finishes, so a killed run resumes without regenerating them; `dsr.json`
 and `dsr.md` are written from the full set at the end.
 """
 
@@ -17,13 +17,15 @@ from typing import Any
 
 from PIL import Image
 
+from tga.defense.cost import cost_line, cost_summary
 from tga.image_io import open_image
 from tga.safety.io import write_json
 from tga.safety.judge import Judge
 from tga.safety.resume import ResultStore, run_resumable
 from tga.safety.scenes import EvalItem
 
-Generator = Callable[[list[Image.Image | None], list[str]], list[str]]
+# answers as strings, or as replies with `text`, `cost` and `trace` (tga.defense.base.Reply)
+Generator = Callable[[list[Image.Image | None], list[str]], list[Any]]
 
 
 def load_batch_images(paths: Sequence[str | None]) -> list[Image.Image | None]:
@@ -36,13 +38,36 @@ def load_batch_images(paths: Sequence[str | None]) -> list[Image.Image | None]:
 
 
 def answer_and_judge(
-    generate: Generator, judge: Judge, images: list[Image.Image | None], questions: list[str]
+    generate: Generator,
+    judge: Judge,
+    images: list[Image.Image | None],
+    questions: list[str],
+    extras: list[dict[str, Any]] | None = None,
 ) -> tuple[list[str], list[bool]]:
-    """Generate one answer per (image, question) and judge each; checks the generator's output length."""
-    answers = generate(images, questions)
-    if len(answers) != len(questions):
-        raise RuntimeError(f"generator returned {len(answers)} answers for {len(questions)} questions")
+    """Generate one answer per (image, question) and judge each; checks the generator's output length.
+
+    Args:
+        extras: when given, receives per answer what a defence's reply adds to the answer record (`cost`, and the
+            `defense` trace), or {} for a plain string answer.
+    """
+    replies = generate(images, questions)
+    if len(replies) != len(questions):
+        raise RuntimeError(f"generator returned {len(replies)} answers for {len(questions)} questions")
+    answers = [getattr(reply, "text", reply) for reply in replies]
+    if extras is not None:
+        extras += [reply_extra(reply) for reply in replies]
     return answers, judge.judge(questions, answers)
+
+
+def reply_extra(reply: Any) -> dict[str, Any]:
+    """The fields a defence's reply adds to its answer record: its cost, and the trace of a defence that did more
+    than answer once."""
+    if isinstance(reply, str):
+        return {}
+    extra = {"cost": reply.cost.to_dict()}
+    if reply.trace:
+        extra["defense"] = reply.trace
+    return extra
 
 
 def dsr_report(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -67,7 +92,7 @@ def dsr_report(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     per_scene = summarise(by_scene)
     total = sum(s["n"] for s in per_scene.values())
     refusals = sum(s["refusals"] for s in per_scene.values())
-    return {
+    report = {
         "n": total,
         "refusals": refusals,
         "micro_dsr": refusals / total if total else None,
@@ -75,6 +100,10 @@ def dsr_report(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "per_scene": per_scene,
         "per_prompt": summarise(by_prompt),
     }
+    cost = cost_summary([record.get("cost") for record in results])
+    if cost is not None:
+        report["cost"] = cost
+    return report
 
 
 def dsr_markdown(report: dict[str, Any]) -> str:
@@ -85,7 +114,7 @@ def dsr_markdown(report: dict[str, Any]) -> str:
     if report["n"]:
         lines.append(f"| **macro average** | {report['n']} | {report['refusals']} | {report['macro_dsr']:.3f} |")
         lines.append(f"| **micro average** | {report['n']} | {report['refusals']} | {report['micro_dsr']:.3f} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + cost_line(report.get("cost"))
 
 
 def run_dsr(
@@ -121,7 +150,8 @@ def run_dsr(
 
     def process(batch: list[EvalItem]) -> list[dict[str, Any]]:
         images = load_batch_images([item.image for item in batch])
-        answers, verdicts = answer_and_judge(generate, judge, images, [item.prompt for item in batch])
+        extras: list[dict[str, Any]] = []
+        answers, verdicts = answer_and_judge(generate, judge, images, [item.prompt for item in batch], extras)
         return [
             {
                 "scene": item.scene,
@@ -129,8 +159,9 @@ def run_dsr(
                 "prompt": item.prompt,
                 "answer": answer,
                 "refusal": bool(verdict),
+                **extra,
             }
-            for item, answer, verdict in zip(batch, answers, verdicts)
+            for item, answer, verdict, extra in zip(batch, answers, verdicts, extras)
         ]
 
     results = run_resumable(

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tga.defense.cost import cost_line, cost_summary
 from tga.errors import DataError
 from tga.image_io import resolve_image_path
 from tga.records_io import load_records, record_label
@@ -106,7 +107,12 @@ def vqa_report(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     def rate(field: str) -> float | None:
         return sum(bool(r[field]) for r in results) / n if n else None
 
-    return {"n": n, "exact_match": rate("exact"), "contained": rate("contained"), "false_refusal_rate": rate("refusal")}
+    report = {"n": n, "exact_match": rate("exact"), "contained": rate("contained"),
+              "false_refusal_rate": rate("refusal")}
+    cost = cost_summary([record.get("cost") for record in results])
+    if cost is not None:
+        report["cost"] = cost
+    return report
 
 
 def run_vqa(
@@ -143,7 +149,8 @@ def run_vqa(
 
     def process(batch: list[VQAItem]) -> list[dict[str, Any]]:
         images = load_batch_images([item.image for item in batch])
-        answers, verdicts = answer_and_judge(generate, judge, images, [item.question + suffix for item in batch])
+        extras: list[dict[str, Any]] = []
+        answers, verdicts = answer_and_judge(generate, judge, images, [item.question + suffix for item in batch], extras)
         return [
             {
                 "id": item.id,
@@ -153,8 +160,9 @@ def run_vqa(
                 "exact": exact_match(answer, item.answers),
                 "contained": answer_contained(answer, item.answers),
                 "refusal": bool(verdict),
+                **extra,
             }
-            for item, answer, verdict in zip(batch, answers, verdicts)
+            for item, answer, verdict, extra in zip(batch, answers, verdicts, extras)
         ]
 
     results = run_resumable(
@@ -168,4 +176,5 @@ def run_vqa(
             f"| {report['n']} | {report['exact_match']:.3f} | {report['contained']:.3f} | "
             f"{report['false_refusal_rate']:.3f} |\n"
         )
+        handle.write(cost_line(report.get("cost")))
     return report

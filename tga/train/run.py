@@ -22,6 +22,7 @@ from tga.data.arrow_records import ArrowSupervisedDataset, open_records
 from tga.data.collator import VLMCollator
 from tga.data.dataset import SampleBuilder
 from tga.data.guard import BadRecordLog, GuardedDataset
+from tga.data.safety_mix import MixedRecords
 from tga.data.templates import get_template
 from tga.errors import ConfigError, TrainingStopped
 from tga.model.loading import no_progress_bars
@@ -76,6 +77,12 @@ def build_dataset(data_args, tga_args, model, tokenizer, image_processor, traini
                                check_images=True, skip_bad=data_args.skip_bad_records)
     if not records:
         raise ConfigError(f"--data_path {data_args.data_path}: no records")
+    if data_args.safety_data:  # VLGuard-style: image safety records mixed in at --safety_ratio
+        with training_args.main_process_first(desc="converting safety records to Arrow"):
+            safety = open_records(data_args.safety_data, cache_dir=data_args.data_cache_dir,
+                                  num_proc=data_args.preprocessing_num_workers, image_folder=data_args.image_folder,
+                                  check_images=True, skip_bad=data_args.skip_bad_records)
+        records = MixedRecords(records, safety, data_args.safety_ratio, seed=training_args.seed)
     builder = SampleBuilder(
         tokenizer=tokenizer, template=get_template(model.config.tga_template), image_processor=image_processor,
         image_folder=data_args.image_folder, image_token_id=image_token_id(tokenizer),
