@@ -235,7 +235,8 @@ def test_every_bench_option_has_help_and_the_set_valued_ones_choices():
     options = [a for a in bench._actions if a.option_strings and a.dest != "help"]
     assert all(a.help for a in options)
     with_choices = {a.dest for a in options if a.choices}
-    assert {"benchmark", "judge", "refusal_keywords", "image_types", "subsets", "hades_steps", "dtype"} <= with_choices
+    assert {"benchmark", "judge", "refusal_keywords", "image_types", "subsets", "hades_steps", "dtype", "defense",
+            "ecso_mode", "adashield_position"} <= with_choices
 
 
 def test_scenes_dsr_equals_tga_evaluate_dsr_micro_dsr(tmp_path):
@@ -273,3 +274,90 @@ def test_command_errors_are_one_line_and_come_before_any_model_load(tmp_path, ca
     assert error.startswith("tga evaluate: error:") and "record 's2' image not found" in error and "\n" not in error
     assert main([*argv[:-2], "--out", str(tmp_path / "out"), "--limit", "0"]) == 2
     assert "--limit must be >= 1" in capsys.readouterr().err
+
+
+class SpyChat:
+    """The tiny model behind a spy: records every (with image, request, answer) pass the defence asks for."""
+
+    def __init__(self, chat):
+        self.chat, self.passes = chat, []
+
+    def generate_usage(self, images, requests, **options):
+        usages = self.chat.generate_usage(images, requests, **options)
+        self.passes += [(image is not None, request, u.text) for image, request, u in zip(images, requests, usages)]
+        return usages
+
+    def prompt_tokens(self, images, requests):
+        return self.chat.prompt_tokens(images, requests)
+
+
+def defended_run(defense_argv, checkpoint, tmp_path):
+    """FigStep answered through a defence, with what the model saw."""
+    import argparse
+
+    from tga.bench.answer import ModelBundle
+    from tga.defense.dispatch import add_defense_args, build_defense
+    from tga.safety.loading import load_chat
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--max_new_tokens", type=int, default=3)
+    add_defense_args(parser)
+    spy = SpyChat(load_chat(checkpoint["ckpt"]))
+    write_figstep(str(tmp_path / "figstep"))
+    items = read_benchmark("figstep", str(tmp_path / "figstep"))
+    bundle = ModelBundle(spy, 3, "tiny", build_defense(parser.parse_args(defense_argv), chat=spy))
+    report = run_bench(bundle, KeywordBenchJudge("gcg"), items, str(tmp_path / "out"), refusal_keywords="gcg")
+    lines = [json.loads(line) for line in (tmp_path / "out" / "answers.jsonl").read_text().splitlines()]
+    return spy.passes, items, lines, report
+
+
+def test_bench_adashield_puts_its_prompt_in_the_request_the_model_sees(checkpoint, tmp_path):
+    from tga.defense.adashield import ADASHIELD_PROMPTS
+
+    passes, items, lines, report = defended_run(["--defense", "adashield"], checkpoint, tmp_path)
+    assert [(True, f"{ADASHIELD_PROMPTS['before']} {item.request}") for item in items] == [p[:2] for p in passes]
+    assert [line["answer"] for line in lines] == [p[2] for p in passes]
+    assert report["defense"] == "adashield" and all(line["cost"]["generations"] == 1 for line in lines)
+    assert report["cost"]["relative"]["generations"] == 1.0 and report["cost"]["relative"]["prompt_tokens"] > 1.5
+
+
+def test_bench_ecso_always_answers_from_the_text_only_pass(checkpoint, tmp_path):
+    passes, items, lines, report = defended_run(["--defense", "ecso", "--ecso_mode", "always"], checkpoint, tmp_path)
+    text_only = [(request, answer) for with_image, request, answer in passes if not with_image]
+    assert len(passes) == 2 * len(items) and len(text_only) == len(items)  # a caption with the image, then text only
+    assert all(request.startswith("You cannot see the image") and item.request in request
+               for (request, _), item in zip(text_only, items))
+    assert [line["answer"] for line in lines] == [answer for _, answer in text_only]
+    assert report["defense"] == "ecso" and report["cost"]["generations_per_request"] == 2.0
+
+
+def test_bench_command_with_a_defence_reports_its_cost_and_name(checkpoint, tmp_path, capsys):
+    from tga.defense.cost import cost_summary
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    write_figstep(str(data))
+    common = ["evaluate", "bench", "--benchmark", "figstep", "--data", str(data), "--model", checkpoint["ckpt"],
+              "--max_new_tokens", "3", "--judge", "keyword-gcg", "--out"]
+    assert main([*common, str(out), "--defense", "ecso", "--ecso_mode", "always"]) == 0
+    lines = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert all(line["answer"] == line["defense"]["text_only_answer"] and line["defense"]["transformed"]
+               for line in lines)
+    report = json.loads((out / "report.json").read_text())
+    assert report == json.loads(json.dumps(bench_report(lines, judge="keyword-gcg", refusal_keywords="gcg",
+                                                        defense="ecso")))
+    assert report["cost"] == cost_summary([line["cost"] for line in lines])
+    assert report["cost"]["relative"]["generations"] == 2.0
+    markdown = (out / "report.md").read_text()
+    assert "defence: `ecso`" in markdown and "Inference cost per request: 2.00 generations" in markdown
+    assert main([*common, str(out)]) == 2  # the folder holds ECSO answers: another defence is refused, not mixed
+    assert main([*common, str(tmp_path / "plain")]) == 0
+    plain = json.loads((tmp_path / "plain" / "report.json").read_text())
+    assert plain["defense"] == "none" and plain["cost"]["relative"] == {"generations": 1.0, "prompt_tokens": 1.0}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main([*common, str(out), "--defense", "shield"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and "argument --defense: invalid choice: 'shield'" in error
+    assert main([*common, str(out), "--ecso_mode", "always"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "tga evaluate: error: --ecso_mode applies to --defense ecso, not --defense none")

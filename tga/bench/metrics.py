@@ -7,7 +7,9 @@ The numbers of a benchmark run, computed from the saved answer records alone (so
   parsed are counted apart, in `unparsed`, and left out of the rate) and defence success rate DSR = 1 - ASR;
 - on benign items (VLGuard's safe_safes, SPA-VL help, the demo's benign requests), the over-refusal rate = answers
   with a refusal keyword / benign items;
-- each broken down per benchmark, and within it per category (or scenario), per image type and per subset.
+- each broken down per benchmark, and within it per category (or scenario), per image type and per subset;
+- with an inference-time defence, its cost per request (`tga.defense.cost.cost_summary` of the costs saved with the
+  answers; a run with `--defense none` has one too, at relative cost 1).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
+
+from tga.defense.cost import cost_summary
 
 
 def summarise(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
@@ -50,13 +54,16 @@ def _grouped(records: Sequence[dict[str, Any]], key: str) -> dict[str, dict[str,
     return {name: summarise(group) for name, group in sorted(groups.items())}
 
 
-def bench_report(records: Sequence[dict[str, Any]], *, judge: str, refusal_keywords: str) -> dict[str, Any]:
-    """The full report of a run: overall and per-benchmark summaries with their breakdowns.
+def bench_report(records: Sequence[dict[str, Any]], *, judge: str, refusal_keywords: str,
+                 defense: str = "none") -> dict[str, Any]:
+    """The full report of a run: overall and per-benchmark summaries with their breakdowns, and the inference cost
+    where the answers carry one.
 
     Args:
         records: the saved answer records.
         judge: the judge's name (reported with every number).
         refusal_keywords: the keyword preset that decided refusals.
+        defense: the inference-time defence the answers came through.
     """
     by_benchmark: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for record in records:
@@ -69,5 +76,9 @@ def bench_report(records: Sequence[dict[str, Any]], *, judge: str, refusal_keywo
             "per_image_type": _grouped(group, "image_type"),
             "per_subset": _grouped(group, "subset"),
         }
-    return {"judge": judge, "refusal_keywords": refusal_keywords, "n": len(records), **summarise(records),
-            "benchmarks": benchmarks}
+    report = {"judge": judge, "refusal_keywords": refusal_keywords, "defense": defense, "n": len(records),
+              **summarise(records), "benchmarks": benchmarks}
+    cost = cost_summary([record.get("cost") for record in records])
+    if cost is not None:
+        report["cost"] = cost
+    return report

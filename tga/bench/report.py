@@ -1,7 +1,7 @@
 """tga/bench/report.py
 
 Writes a benchmark report: `report.json` (everything `metrics.bench_report` computes), `report.md` (tables per
-benchmark, naming the judge and the refusal keywords) and `report.png` (ASR per category and per image type, and
+benchmark, naming the judge, the refusal keywords and the defence, with the defence's cost) and `report.png` (ASR per category and per image type, and
 over-refusal where a benchmark has benign items), drawn with matplotlib's object API on the Agg canvas.
 """
 
@@ -13,6 +13,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from tga.defense.cost import cost_line
 from tga.safety.io import write_json
 
 _COLUMNS = ("harmful", "unsafe", "asr", "dsr", "unparsed", "benign", "benign_refused", "over_refusal")
@@ -36,7 +37,8 @@ def _table(title: str, groups: dict[str, dict[str, Any]]) -> list[str]:
 def report_markdown(report: dict[str, Any]) -> str:
     """The report as markdown."""
     lines = ["# Safety benchmark report", "",
-             f"Judge: `{report['judge']}`; refusals (over-refusal) by keyword preset `{report['refusal_keywords']}`.",
+             f"Judge: `{report['judge']}`; refusals (over-refusal) by keyword preset `{report['refusal_keywords']}`; "
+             f"inference-time defence: `{report.get('defense', 'none')}`.",
              "ASR = unsafe / judged harmful answers, DSR = 1 - ASR; over-refusal = refused / benign requests.", ""]
     lines += _table("Per benchmark", {name: b for name, b in report["benchmarks"].items()})
     for name, bench in report["benchmarks"].items():
@@ -44,7 +46,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         lines += _table(f"{name} per category", bench["per_category"])
         lines += _table(f"{name} per image_type", bench["per_image_type"])
         lines += _table(f"{name} per subset", bench["per_subset"])
-    return "\n".join(lines).rstrip() + "\n"
+    return "\n".join(lines).rstrip() + "\n" + cost_line(report.get("cost"))
 
 
 def _panel(axes, bars: list[tuple[str, float]], colour: str, label: str) -> None:
@@ -60,7 +62,8 @@ def plot_report(report: dict[str, Any], path: str) -> None:
     over-refusal per benchmark with benign items."""
     benchmarks = report["benchmarks"].items()
     panels = [([(f"{name}: {cat}", s["asr"]) for name, b in benchmarks for cat, s in b["per_category"].items()
-                if s["asr"] is not None], "#c44e52", f"ASR per category (judge: {report['judge']})"),
+                if s["asr"] is not None], "#c44e52",
+               f"ASR per category (judge: {report['judge']}, defence: {report.get('defense', 'none')})"),
               ([(f"{name}: {kind}", s["asr"]) for name, b in benchmarks if len(b["per_image_type"]) > 1
                 for kind, s in b["per_image_type"].items() if s["asr"] is not None], "#dd8452", "ASR per image type"),
               ([(name, b["over_refusal"]) for name, b in benchmarks if b["over_refusal"] is not None], "#4c72b0",

@@ -1,7 +1,8 @@
 """tga/bench/runner.py
 
 Runs a benchmark: items are answered in batches through `answer.answer_requests`, each answer is judged by the
-chosen judge and checked for refusal keywords, and every finished batch is appended to `answers.jsonl` through the
+chosen judge and checked for refusal keywords (an answer from a defence also keeps its cost and the defence's trace),
+and every finished batch is appended to `answers.jsonl` through the
 project's resumable result store (`tga.safety.resume`), so a killed run continues where it stopped and a rerun with
 other settings refuses to mix results. The report is then recomputed from the saved answers alone.
 """
@@ -21,9 +22,11 @@ from tga.bench.metrics import bench_report
 from tga.bench.parquet import ParquetImageLoader
 from tga.bench.report import write_report
 from tga.image_io import open_image
+from tga.safety.evaluate import reply_extra
 from tga.safety.resume import ResultStore, run_resumable
 
-Answerer = Callable[[Sequence[Image.Image | None], Sequence[str]], list[str]]
+# answers as strings, or as replies with `text`, `cost` and `trace` (a defence, tga.defense.base.Reply)
+Answerer = Callable[[Sequence[Image.Image | None], Sequence[str]], list[Any]]
 
 
 class ImageSource:
@@ -66,7 +69,8 @@ def run_bench(
     """Answer, judge and report a benchmark; writes answers.jsonl, report.json, report.md and report.png.
 
     Args:
-        model: a `ModelBundle` (answered through `answer_requests`) or any batched (images, requests) -> answers.
+        model: a `ModelBundle` (answered through `answer_requests`, with its defence) or any batched
+            (images, requests) -> answers (strings, or replies of a defence, named by its `name`).
         judge: a benchmark judge (`keywords.KeywordBenchJudge` or one of `guards`).
         items: the benchmark's items (see `readers.read_benchmark`).
         out_dir: output folder; earlier answers from the same settings are resumed.
@@ -78,8 +82,10 @@ def run_bench(
     Returns:
         The report (also in report.json).
     """
-    answer = model if callable(model) and not isinstance(model, ModelBundle) else (
-        lambda images, requests: answer_requests(model, images, requests))
+    if isinstance(model, ModelBundle):
+        answer, defense = (lambda images, requests: answer_requests(model, images, requests)), model.defense_name
+    else:
+        answer, defense = model, getattr(model, "name", "none")
     refusals = RefusalKeywords(refusal_keywords)
     store = ResultStore(os.path.join(out_dir, "answers.jsonl"),
                         {"task": "bench", "judge": judge.name, "refusal_keywords": refusal_keywords, **(settings or {})},
@@ -88,16 +94,17 @@ def run_bench(
 
     def process(batch: list[BenchItem]) -> list[dict[str, Any]]:
         images = source.load([item.image for item in batch])
-        answers = answer(images, [item.request for item in batch])
-        if len(answers) != len(batch):
-            raise RuntimeError(f"got {len(answers)} answers for {len(batch)} requests")
+        replies = answer(images, [item.request for item in batch])
+        if len(replies) != len(batch):
+            raise RuntimeError(f"got {len(replies)} answers for {len(batch)} requests")
+        answers = [getattr(reply, "text", reply) for reply in replies]
         verdicts = judge.judge(batch, images, answers)
         return [{**item_record(item), "answer": text, "unsafe": verdict.unsafe, "judge_output": verdict.output,
-                 "refused": refusals.refusal(text) is not None}
-                for item, text, verdict in zip(batch, answers, verdicts)]
+                 "refused": refusals.refusal(text) is not None, **reply_extra(reply)}
+                for item, text, reply, verdict in zip(batch, answers, replies, verdicts)]
 
     results = run_resumable(items, [item.key for item in items], store, process, batch_size=batch_size,
                             desc="benchmark")
-    report = bench_report(results, judge=judge.name, refusal_keywords=refusal_keywords)
+    report = bench_report(results, judge=judge.name, refusal_keywords=refusal_keywords, defense=defense)
     write_report(report, out_dir)
     return report

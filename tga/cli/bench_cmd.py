@@ -1,7 +1,8 @@
 """tga/cli/bench_cmd.py
 
 `tga evaluate bench`: a published safety benchmark read from its own released files (`--benchmark`, `--data`),
-answered by a checkpoint, judged by a keyword preset or an LLM judge, with `answers.jsonl` (resumable),
+answered by a checkpoint, through an inference-time defence if asked (`--defense`, the option of `tga evaluate dsr`),
+judged by a keyword preset or an LLM judge, with `answers.jsonl` (resumable),
 `report.json`, `report.md` and `report.png` in `--out`. The benchmark files are read and checked before any model
 is loaded. Thin: the work is in `tga.bench`.
 """
@@ -17,6 +18,7 @@ from tga.bench.keywords import PRESETS
 from tga.bench.mmsafetybench import IMAGE_TYPES, QUESTION_FOR_TYPE
 from tga.bench.readers import BENCHMARKS
 from tga.bench.vlguard import SUBSETS
+from tga.defense.dispatch import add_defense_args, check_flags
 from tga.safety.scenes import DEFAULT_PROMPTS
 
 
@@ -44,11 +46,13 @@ def _bench(args: argparse.Namespace) -> int:
     from tga.bench.readers import read_benchmark
     from tga.bench.report import report_markdown
     from tga.bench.runner import run_bench
+    from tga.defense.dispatch import build_defense
     from tga.errors import ConfigError
     from tga.safety.io import ensure_model_dir
     from tga.safety.loading import load_chat
 
     ensure_model_dir(args.model)
+    check_flags(args)
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
     items = read_benchmark(args.benchmark, args.data, **_reader_options(args))
@@ -57,16 +61,18 @@ def _bench(args: argparse.Namespace) -> int:
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else None)
     judge = get_bench_judge(args.judge, args.judge_model, device=device, dtype=dtype, batch_size=args.batch_size)
     chat = load_chat(args.model, device=device, dtype=dtype, template=args.template)
+    defense = build_defense(args, chat=chat)
     settings = {
         "benchmark": args.benchmark, "data": os.path.abspath(args.data), "model": os.path.abspath(args.model),
         "max_new_tokens": args.max_new_tokens, "dtype": dtype, "template": args.template,
         "judge_model": os.path.abspath(args.judge_model) if args.judge_model else None,
         **{k: v for k, v in _reader_options(args).items()},
+        **defense.settings(),  # the defence and its options (nothing without one, so earlier answers resume)
     }
     refusal_keywords = args.refusal_keywords or (
         args.judge.removeprefix("keyword-") if args.judge.startswith("keyword-") else "project")
-    report = run_bench(ModelBundle(chat, args.max_new_tokens, os.path.basename(os.path.abspath(args.model))), judge,
-                       items, args.out, refusal_keywords=refusal_keywords, batch_size=args.batch_size,
+    bundle = ModelBundle(chat, args.max_new_tokens, os.path.basename(os.path.abspath(args.model)), defense)
+    report = run_bench(bundle, judge, items, args.out, refusal_keywords=refusal_keywords, batch_size=args.batch_size,
                        settings=settings, overwrite=args.overwrite)
     print(report_markdown(report), end="")
     print(f"results in {args.out}")
@@ -102,4 +108,5 @@ def add_parser(kinds: argparse._SubParsersAction) -> None:
                        help="model dtype (default: bfloat16 on a GPU, float32 on the CPU)")
     bench.add_argument("--template", default=None, help="conversation template instead of the model's own")
     bench.add_argument("--overwrite", action="store_true", help="discard earlier answers in --out")
+    add_defense_args(bench)
     bench.set_defaults(func=_bench)
