@@ -2,9 +2,9 @@
 
 Runs a benchmark: items are answered in batches through `answer.answer_requests`, each answer is judged by the
 chosen judge and checked for refusal keywords (an answer from a defence also keeps its cost and the defence's trace),
-and every finished batch is appended to `answers.jsonl` through the
-project's resumable result store (`tga.safety.resume`), so a killed run continues where it stopped and a rerun with
-other settings refuses to mix results. The report is then recomputed from the saved answers alone.
+and every finished batch is appended to `answers.jsonl` through the project's resumable result store
+(`tga.safety.resume`), so a killed run continues where it stopped and a rerun with other settings refuses to mix
+results. The report is then recomputed from the saved answers alone.
 """
 
 from __future__ import annotations
