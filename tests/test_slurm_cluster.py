@@ -85,6 +85,13 @@ class Jobs:
             time.sleep(0.02 if until else 0.5)
             self.poll()
 
+    def sleep(self, seconds: float) -> None:
+        """Wait, still recording state changes."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.poll()
+            time.sleep(0.5)
+
     def log(self, job: str) -> str:
         paths = glob.glob(f"{self.logs}/*-{job}.out")
         return open(paths[0], encoding="utf-8", errors="replace").read() if paths else ""
@@ -145,13 +152,16 @@ def runs(cluster, tiny_assets, tmp_path_factory):
     ranks[1].suspend()
     save_started = time.monotonic()
     marker_seen_while_stopped = bool(glob.glob(f"{out['preempted']}/checkpoint-*/{COMPLETE_MARKER}"))
-    time.sleep(SLOW_SAVE_S)
+    jobs.sleep(SLOW_SAVE_S)
     ranks[1].resume()
     stop_checkpoint = list_checkpoints(out["preempted"])[0][1]
     jobs.wait(preempted, set(), until=lambda: os.path.exists(os.path.join(stop_checkpoint, COMPLETE_MARKER)))
     save_s = time.monotonic() - save_started
     signal_to_saved_s = time.monotonic() - signalled
     stop_step = int(stop_checkpoint.rsplit("-", 1)[1])  # read before the requeued run finishes
+    # SLURM holds a requeued job for two minutes (Reason=BeginTime); move its start to now rather than wait.
+    jobs.wait(preempted, {"PENDING"})
+    cluster.run("scontrol", "update", f"JobId={preempted}", "StartTime=now")
 
     for job in (preempted, reference, finetune):
         jobs.wait(job, {"COMPLETED"})
@@ -179,6 +189,8 @@ def test_preempted_job_saved_a_slow_checkpoint_was_requeued_and_resumed(runs):
     assert len(runs["summary"]["wall_s"]["preempted"]) == 2  # two attempts: stopped, then resumed to the end
     log = runs["jobs"].log(preempted)  # both attempts, --open-mode=append
     assert "preemption signal" in log and f"checkpoint-{runs['stop_step']}" in log
+    # resumed, not restarted: the steps before the stop were logged once, by the first attempt
+    assert log.count("'loss'") == STEPS
 
 
 def test_preempted_and_requeued_run_equals_the_uninterrupted_run(runs):
