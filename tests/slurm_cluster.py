@@ -107,15 +107,20 @@ class SlurmCluster:
         except (OSError, ValueError):
             return {}
 
+    def _owns(self, pid: int) -> bool:
+        """Whether `pid` is still one of this folder's daemons (not a process that reused the number)."""
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                return self.folder.encode() in handle.read()
+        except OSError:
+            return False
+
     def _alive(self) -> bool:
         pids = self._pids()
         if set(pids) != {"munged", "slurmctld", "slurmd"}:
             return False
-        for pid in pids.values():
-            try:
-                os.kill(pid, 0)
-            except OSError:
-                return False
+        if not all(self._owns(pid) for pid in pids.values()):
+            return False
         return self.node_state() in {"idle", "mixed", "allocated"}
 
     def node_state(self) -> str:
@@ -170,7 +175,7 @@ class SlurmCluster:
         """End the daemons this folder's cluster started (by their pids), newest first; jobs go with slurmd."""
         pids = self._pids()
         for name in ("slurmd", "slurmctld", "munged"):
-            if name in pids:
+            if name in pids and self._owns(pids[name]):
                 _terminate(pids[name])
         if pids:
             os.remove(os.path.join(self.folder, "pids.json"))

@@ -136,3 +136,21 @@ def test_a_starting_run_removes_segments_of_killed_ranks_only(tmp_path):
         for path in (killed, alive, young):
             if os.path.exists(path):
                 os.unlink(path)
+
+
+def test_ranks_stop_on_the_preemption_signal_and_restore_its_handler():
+    from tga.train.resilience import GracefulStop
+
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # what a rank inherits from tga.train.slurm
+    try:
+        stop = GracefulStop()
+        stop.on_train_begin(None, None, None)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        deadline = time.time() + 10
+        while not stop.requested and time.time() < deadline:
+            time.sleep(0.01)
+        assert stop.requested
+        stop.on_train_end(None, None, None)
+        assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGUSR1, previous)

@@ -57,11 +57,14 @@ def cluster(tmp_path_factory):
 class Jobs:
     """Submits the shipped scripts and records each job's state changes (the attempts of a requeued job)."""
 
-    def __init__(self, cluster: SlurmCluster, logs: str):
+    def __init__(self, cluster: SlurmCluster, logs: str, extensions: str):
         self.cluster, self.logs = cluster, logs
         self.history: dict[str, list[tuple[str, float]]] = {}
+        # "The environment activated": the virtual environment's bin first. Its ninja may differ from the system's,
+        # and two ninja versions rewrite each other's build log, so DeepSpeed's CPU all-reduce op would be rebuilt
+        # by every run that alternates between them: the jobs keep their own extension build folder.
         self.env = {"PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": REPO,
-                    "OMP_NUM_THREADS": "1", "TGA_NPROC_PER_NODE": "2"}
+                    "OMP_NUM_THREADS": "1", "TGA_NPROC_PER_NODE": "2", "TORCH_EXTENSIONS_DIR": extensions}
 
     def submit(self, script: str, *args: str, options: tuple[str, ...] = ()) -> str:
         out = self.cluster.run("sbatch", "--parsable", "--gpus-per-node", "0", "--cpus-per-task", "1",
@@ -123,7 +126,7 @@ def losses(output_dir: str) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def runs(cluster, tiny_assets, tmp_path_factory):
     root = tmp_path_factory.mktemp("slurm_runs")
-    jobs = Jobs(cluster, str(root))
+    jobs = Jobs(cluster, str(root), str(tmp_path_factory.getbasetemp().parent / "torch_extensions_slurm"))
     assets = tiny_assets
     stage1 = ("configs/pretrain/tiny_cpu.yaml", "--model_name_or_path", assets["llm"], "--vision_tower", assets["vision"],
               "--data_path", assets["stage1"], "--image_folder", assets["image_folder"],
