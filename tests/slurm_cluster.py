@@ -79,7 +79,7 @@ SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
 MpiDefault=none
 ReturnToService=2
-MinJobAge=600
+MinJobAge=3600
 NodeName={node} NodeAddr=127.0.0.1 {hardware_line} State=UNKNOWN
 PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
 """
@@ -189,8 +189,8 @@ class SlurmCluster:
         return result.stdout
 
     def job(self, job_id: str) -> dict[str, str]:
-        """`scontrol show job` as a dict (JobState, Restarts, ExitCode, RunTime, StdOut, ...)."""
-        text = self.run(program("scontrol"), "show", "job", "-o", job_id)
+        """`scontrol show job` as a dict (JobState, Restarts, ExitCode, RunTime, StdOut, ...); {} once purged."""
+        text = self.run(program("scontrol"), "show", "job", "-o", job_id, check=False)
         return dict(re.findall(r"(\w+)=(\S*)", text))
 
     def wait_job(self, job_id: str, states: set[str], timeout: float = 600.0) -> dict[str, str]:

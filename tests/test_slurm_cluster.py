@@ -75,8 +75,8 @@ class Jobs:
 
     def poll(self) -> None:
         for job, changes in self.history.items():
-            state = self.cluster.job(job).get("JobState", "")
-            if state != changes[-1][0]:
+            state = self.cluster.job(job).get("JobState")
+            if state and state != changes[-1][0]:
                 changes.append((state, time.monotonic()))
 
     def wait(self, job: str, states: set[str], until=None) -> None:

@@ -194,6 +194,8 @@ class GracefulStop(TrainerCallback):
         self.previous: dict[int, object] = {}
 
     def handle(self, signum, frame) -> None:
+        if self.requested:  # the SLURM wrapper repeats the signal until the ranks exit
+            return
         self.requested = True
         logger.warning("signal %d received: saving a checkpoint at the end of this step, then stopping", signum)
 
