@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol")
+DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "sinfo")
 SBIN = ("/usr/sbin", "/usr/bin")
 
 
@@ -171,14 +171,32 @@ class SlurmCluster:
                 raise RuntimeError(f"SLURM test cluster: no {what} within {timeout:.0f} s; logs in {self.folder}")
             time.sleep(0.2)
 
-    def stop(self) -> None:
-        """End the daemons this folder's cluster started (by their pids), newest first; jobs go with slurmd."""
+    def stop(self, timeout: float = 60.0) -> None:
+        """Cancel the cluster's jobs, then end the daemons this folder's cluster started (by their pids).
+
+        Jobs go first: a job step's slurmstepd outlives slurmd and would keep its processes running.
+        """
         pids = self._pids()
+        if "slurmctld" in pids and self._owns(pids["slurmctld"]):
+            self._cancel_jobs(timeout)
         for name in ("slurmd", "slurmctld", "munged"):
             if name in pids and self._owns(pids[name]):
                 _terminate(pids[name])
         if pids:
             os.remove(os.path.join(self.folder, "pids.json"))
+
+    def _cancel_jobs(self, timeout: float) -> None:
+        def jobs() -> list[str]:
+            result = subprocess.run([program("squeue"), "-h", "-o", "%A"], env=self.env, capture_output=True,
+                                    text=True, timeout=30)
+            return result.stdout.split() if result.returncode == 0 else []
+
+        running = jobs()
+        if running:
+            subprocess.run([program("scancel"), *running], env=self.env, capture_output=True, timeout=30)
+            deadline = time.monotonic() + timeout
+            while jobs() and time.monotonic() < deadline:
+                time.sleep(0.5)
 
     # -- client helpers
     def run(self, *command: str, check: bool = True, cwd: str | None = None, env: dict | None = None) -> str:
