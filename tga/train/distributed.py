@@ -15,6 +15,7 @@ import atexit
 import contextlib
 import os
 import socket
+import time
 
 import torch
 
@@ -42,6 +43,7 @@ def prepare_process(argv: list[str]) -> list[str]:
 
     if uses_deepspeed:
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        remove_orphaned_comm_buffers()
         atexit.register(release_cpu_comm_buffer, cpu_comm_buffer_path())
     PartialState(backend="gloo")
     return [*argv, "--accelerator_config", '{"use_configured_state": true}']
@@ -63,6 +65,51 @@ def release_cpu_comm_buffer(path: str) -> None:
     """
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+
+
+def _segments_in_use(prefix: str) -> set[str]:
+    """Paths under /dev/shm starting with `prefix` that a live process has open or mapped.
+
+    Open files are read before mappings: DeepSpeed opens a segment, writes it, maps it and only then closes the file,
+    so a process that is between the two reads still shows one of them.
+    """
+    used = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if target.startswith(prefix):
+                        used.add(target)
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                path = line.rstrip("\n").split(maxsplit=5)[-1]
+                if path.startswith(prefix):
+                    used.add(path.removesuffix(" (deleted)"))
+    return used
+
+
+def remove_orphaned_comm_buffers(min_age_s: float = 5.0) -> list[str]:
+    """Remove this user's DeepSpeed all-reduce segments that no live process has open or mapped; returns them.
+
+    A rank killed with SIGKILL (preemption past its grace time, the OOM killer) never runs its exit cleanup, so its
+    66 MB segment stays in /dev/shm, which is RAM. Every starting CPU run calls this. Segments of other runs that are
+    alive are in use and kept; so are segments younger than `min_age_s` (one being created at this moment).
+    """
+    prefix = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_"
+    with contextlib.suppress(OSError):
+        candidates = [f"/dev/shm/{name}" for name in os.listdir("/dev/shm") if f"/dev/shm/{name}".startswith(prefix)]
+        if not candidates:
+            return []
+        in_use = _segments_in_use(prefix)
+        removed = []
+        for path in candidates:
+            with contextlib.suppress(OSError):
+                if path not in in_use and time.time() - os.stat(path).st_mtime >= min_age_s:
+                    os.unlink(path)
+                    removed.append(path)
+        return removed
+    return []
 
 
 def is_zero3_param(parameter: torch.nn.Parameter) -> bool:

@@ -176,22 +176,26 @@ class CheckpointGuard(TrainerCallback):
 
 
 class GracefulStop(TrainerCallback):
-    """On SIGTERM (or the given signals), save a checkpoint at the end of the current step and stop training.
+    """On SIGTERM or SIGUSR1 (or the given signals), save a checkpoint at the end of the current step and stop.
 
     The handler only sets this object's flag; at each step end the ranks agree (max over ranks) so that all of them
     save and stop at the same step, which the collective save needs. The previous handlers come back at train end.
 
     Args:
-        signals: the signals to catch (default SIGTERM: what SLURM and Kubernetes send before a kill).
+        signals: the signals to catch. SIGTERM is what SLURM and Kubernetes send before a kill; SIGUSR1 is the
+            preemption signal of the SLURM scripts, which `tga.train.slurm` keeps away from the DeepSpeed launcher
+            (it SIGKILLs its ranks 30 s after passing SIGTERM on, too soon for a large save).
     """
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)):
         self.signals = signals
         self.requested = False  # set by the handler
         self.stopped = False  # training stopped because of a signal
         self.previous: dict[int, object] = {}
 
     def handle(self, signum, frame) -> None:
+        if self.requested:  # the SLURM wrapper repeats the signal until the ranks exit
+            return
         self.requested = True
         logger.warning("signal %d received: saving a checkpoint at the end of this step, then stopping", signum)
 
