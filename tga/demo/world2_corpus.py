@@ -106,7 +106,8 @@ def test_prompts(spec: World2Spec, vocab: Vocabulary) -> dict[str, list[dict]]:
         for i in range(spec.n_test):
             concept = names[i % len(names)]
             scene = sample_text_scene(rng, f"{group}/{i:04d}", vocab, spec, pool=benign_trained, include=concept)
-            question, style = questions[i % len(questions)], styles[(i // len(questions)) % len(styles)]
+            # every (question, style) pair once in 24 rows, and both kinds of wording within the first 8
+            question, style = questions[i % len(questions)], styles[(i // 2) % len(styles)]
             rows.append({"id": f"{group}-{i:04d}", "scene": concept, "concept": concept,
                          "category": vocab.category[concept],
                          "text": tasks.text_prompt(describe(scene, style), question), "question": question,
