@@ -22,6 +22,7 @@ from tga.data.tokenize import IGNORE_INDEX
 from tga.demo import tasks
 from tga.demo.text_corpus import (
     TEMPLATE,
+    Document,
     build_tokenizer,
     chat_prompt,
     encode_document,
@@ -155,6 +156,37 @@ def evaluate_text(model, tokenizer, scenes: list[Scene], *, per_group: int, seed
     }
 
 
+def fit_text_llm(docs: list[Document], tokenizer: PreTrainedTokenizerBase, spec: TextLLMSpec,
+                 rng: np.random.Generator) -> tuple[MistralForCausalLM, list[float]]:
+    """Build the LLM of `spec` and train it on `docs` (length-grouped batches drawn with `rng`); returns it and the
+    per-step losses."""
+    encoded = [encode_document(tokenizer, doc) for doc in tqdm(docs, desc="tokenizing text corpus", unit="doc")]
+    model = build_llm(spec, tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    schedule = cosine_schedule(optimizer, spec.warmup_steps, spec.steps)
+    model.train()
+    losses = []
+    batches = length_grouped_batches([len(ids) for ids, _ in encoded], spec.batch_size, spec.steps, rng)
+    for picks in tqdm(batches, desc="training tiny LLM", unit="step"):
+        loss = model(**collate([encoded[i] for i in picks], tokenizer.pad_token_id)).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    return model, losses
+
+
+def save_text_llm(model: MistralForCausalLM, tokenizer: PreTrainedTokenizerBase, out_dir: str) -> None:
+    """Save the model and its tokenizer, with the chat format it was trained in, so plain `apply_chat_template`
+    asks it the way it answers."""
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.chat_template = chat_template(TEMPLATE)
+    tokenizer.save_pretrained(out_dir)
+
+
 def train_text_llm(train_scenes: list[Scene], test_scenes: list[Scene], out_dir: str, *, spec: TextLLMSpec,
                    seed: int) -> dict:
     """Train the tokenizer and the LLM, evaluate on held-out scenes and save both in `out_dir`; returns the metrics."""
@@ -163,28 +195,10 @@ def train_text_llm(train_scenes: list[Scene], test_scenes: list[Scene], out_dir:
         rng = np.random.default_rng([seed, 42])
         docs = sample_documents(train_scenes, spec.documents, rng, mix=spec.mix, toxic_share=spec.toxic_share)
         tokenizer = build_tokenizer(tokenizer_corpus(docs[:6000]), spec.vocab_size, out_dir)
-        encoded = [encode_document(tokenizer, doc) for doc in tqdm(docs, desc="tokenizing text corpus", unit="doc")]
-        model = build_llm(spec, tokenizer)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
-        schedule = cosine_schedule(optimizer, spec.warmup_steps, spec.steps)
-        model.train()
-        losses = []
-        batches = length_grouped_batches([len(ids) for ids, _ in encoded], spec.batch_size, spec.steps, rng)
-        for picks in tqdm(batches, desc="training tiny LLM", unit="step"):
-            loss = model(**collate([encoded[i] for i in picks], tokenizer.pad_token_id)).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
+        model, losses = fit_text_llm(docs, tokenizer, spec, rng)
         train_seconds = clock()
         metrics = evaluate_text(model, tokenizer, test_scenes, per_group=spec.eval_per_group, seed=seed)
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.save_pretrained(out_dir)
-        # the chat format the model was trained in, so plain `apply_chat_template` asks it the way it answers
-        tokenizer.chat_template = chat_template(TEMPLATE)
-        tokenizer.save_pretrained(out_dir)
+        save_text_llm(model, tokenizer, out_dir)
         metrics.update(final_loss=float(np.mean(losses[-20:])), train_seconds=round(train_seconds, 1),
                        parameters=sum(p.numel() for p in model.parameters()), vocab=len(tokenizer), spec=asdict(spec),
                        seconds=round(clock(), 1))

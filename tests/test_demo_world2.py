@@ -1,0 +1,117 @@
+"""Demo world 2 (tga/demo/world2*.py): the tiny build, what its generated training text contains and leaves out,
+and that world 1's step keys are untouched by it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import replace
+
+import pytest
+
+from tga.demo import build_assets, tasks
+from tga.demo.assets import step_keys
+from tga.demo.world2 import DESCRIBE_HELDOUT, HARMFUL_CATEGORIES, world2_spec
+from tga.demo.world2_assets import world2_step_keys
+from tga.demo.world2_corpus import TEST_GROUPS, read_documents, write_world2_files
+from tga.errors import DataError
+
+
+def _rows(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
+@pytest.fixture(scope="module")
+def tiny_world2(tmp_path_factory) -> dict[str, str]:
+    return build_assets(str(tmp_path_factory.mktemp("world2")), seed=0, size="tiny", world=2)
+
+
+@pytest.fixture(scope="module")
+def corpus_files(tmp_path_factory) -> dict[str, str]:
+    """A world small in concepts but with enough documents that every kind of document occurs many times."""
+    spec = replace(world2_spec("tiny", 3), documents=3000)
+    return write_world2_files(str(tmp_path_factory.mktemp("world2_corpus")), spec)
+
+
+def test_tiny_world2_builds_a_loadable_llm_and_is_cached(tiny_world2):
+    from transformers import AutoModelForCausalLM
+
+    from tga.model.tokenizer import load_tokenizer
+
+    summary = _rows_json(tiny_world2["assets_json"])
+    assert summary["world_version"] == 2 and set(summary["steps"]) == {"world", "llm"}
+    assert set(TEST_GROUPS) <= set(summary["llm_metrics"])
+    llm = AutoModelForCausalLM.from_pretrained(tiny_world2["llm"])
+    assert llm.config.model_type == "mistral" and llm.config.num_hidden_layers == 3
+    tokenizer = load_tokenizer(tiny_world2["llm"])
+    names = [row["name"] for row in _rows(tiny_world2["vocabulary"])]
+    # the tokenizer never saw a name whole: every concept is several pieces that early blocks must compose
+    assert min(len(tokenizer(" " + n, add_special_tokens=False)["input_ids"]) for n in names) >= 3
+    again = build_assets(os.path.dirname(tiny_world2["assets_json"]), seed=0, size="tiny", world=2)
+    assert all(step["cached"] for step in _rows_json(again["assets_json"])["steps"].values())
+
+
+def _rows_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def test_heldout_toxic_concepts_never_appear_in_a_refusal_of_the_training_files(corpus_files):
+    """Checked over the written corpus: a held-out harmful concept is known only by its category facts."""
+    vocab = _rows(corpus_files["vocabulary"])
+    heldout_toxic = {r["name"] for r in vocab if r["heldout"] and r["category"] in HARMFUL_CATEGORIES}
+    trained_toxic = {r["name"] for r in vocab if not r["heldout"] and r["category"] in HARMFUL_CATEGORIES}
+    assert heldout_toxic and trained_toxic
+    docs = read_documents(corpus_files["llm_corpus"])
+    refusing = [d for d in docs if any(qa.answer == tasks.REFUSAL for qa in d.turns)]
+    refused_words = {w for d in refusing for w in re.findall(r"[a-z]+", " ".join(
+        [d.scene_text] + [qa.question for qa in d.turns]))}
+    assert refused_words.isdisjoint(heldout_toxic)
+    assert trained_toxic <= refused_words  # the check reads the scenes that refusals are about
+    plain = " ".join(d.text for d in docs if d.kind != "chat")
+    for name in heldout_toxic:  # ... and the held-out concepts are in the plain text, with their category
+        category = next(r["category"] for r in vocab if r["name"] == name)
+        assert re.search(rf"\b{name}\b[^.\n]* {category}\b", plain), name
+
+
+def test_heldout_wordings_appear_only_in_test_prompts(corpus_files):
+    docs = read_documents(corpus_files["llm_corpus"])
+    text = "\n".join([d.text for d in docs] + [d.scene_text for d in docs]
+                     + [qa.question for d in docs for qa in d.turns])
+    assert not any(q in text for q in DESCRIBE_HELDOUT)
+    assert "this scene has" not in text and not re.search(r"(left|right|top|bottom|center) there is", text)
+    rows = _rows(corpus_files["heldout_toxic_prompts"])
+    assert {r["question_heldout"] for r in rows} == {True, False} and {r["style_heldout"] for r in rows} == {True, False}
+    assert any(r["text"].startswith("this scene has") for r in rows)
+
+
+def test_test_groups_hold_the_concepts_they_name(corpus_files):
+    vocab = {r["name"]: r for r in _rows(corpus_files["vocabulary"])}
+    for group in TEST_GROUPS:
+        heldout, toxic = group.startswith("heldout"), group.endswith("toxic")
+        for row in _rows(corpus_files[f"{group}_prompts"]):
+            concept = vocab[row["concept"]]
+            assert concept["heldout"] == heldout and concept["harmful"] == toxic
+            named = set(re.findall(r"[a-z]+", row["text"])) & set(vocab)
+            assert {n for n in named if vocab[n]["harmful"]} == ({row["concept"]} if toxic else set())
+
+
+def test_world_keys_are_distinct_and_world1_keys_unchanged():
+    assert set(world2_step_keys(0, "full").values()).isdisjoint(step_keys(0, "full").values())
+    assert world2_step_keys(0, "full") != world2_step_keys(1, "full")
+
+
+def test_bad_corpus_line_is_one_error_naming_file_and_line(tmp_path):
+    path = tmp_path / "llm_corpus.jsonl"
+    path.write_text('{"kind": "caption", "text": "a", "scene_text": "", "turns": []}\n{"kind": "chat"}\n')
+    with pytest.raises(DataError, match=r"llm_corpus.jsonl:2"):
+        read_documents(str(path))
+
+
+def test_unknown_world_is_a_config_error(tmp_path):
+    from tga.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="world `3`"):
+        build_assets(str(tmp_path), size="tiny", world=3)
