@@ -77,6 +77,9 @@ class TGAArguments:
     tga_center: bool = False                            # subtract a running mean of caption states before cosines
     tga_guide_toxic: bool = False                       # also align records marked toxic (default: they never enter the guide)
     tga_caption_context: str = "alone"                  # alone (caption is the whole turn) | request (in the image's place)
+    tga_pair_weight: float | None = field(default=None, metadata={"help": "Weight of the image-caption term (default: the form's, 1 or 1/4 for released)."})
+    tga_hinge_weight: float | None = field(default=None, metadata={"help": "Weight of the retrieved-text hinge term (default: the form's, 1 or 1/10 for released)."})
+    tga_center_momentum: float = field(default=0.99, metadata={"help": "EMA momentum of the caption centre of --tga_center, in [0, 1)."})
     # fmt: on
 
 

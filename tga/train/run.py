@@ -98,7 +98,9 @@ def guide_settings(tga_args, model) -> GuideSettings | None:
         raise ConfigError("--tga true with no target layers: set --tga_layers")
     return GuideSettings(layers=layers, form=tga_args.tga_form, weight=tga_args.tga_weight,
                          schedule=tga_args.tga_schedule, temperature=tga_args.tga_temperature,
-                         target=tga_args.tga_target, center=tga_args.tga_center)
+                         target=tga_args.tga_target, center=tga_args.tga_center,
+                         pair_weight=tga_args.tga_pair_weight, hinge_weight=tga_args.tga_hinge_weight,
+                         center_momentum=tga_args.tga_center_momentum)
 
 
 def write_resolved_config(output_dir: str, stage: str, argv: list[str], *arg_objects) -> dict:

@@ -1,0 +1,184 @@
+"""What a long run does that a short one does not, through the real TGATrainer on the tiny model: kill + resume with
+a caption centre, gradient accumulation, the hand-built multimodal embedding of multi-rank ZeRO-3, the projector's
+learning rate, the guide-weight schedules, and the guide options named in error messages."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from tga.config import TrainingArguments, parse_config
+from tga.data.collator import VLMCollator
+from tga.data.dataset import SampleBuilder
+from tga.data.records import load_records
+from tga.data.templates import get_template
+from tga.errors import ConfigError
+from tga.model.tokenizer import image_token_id, load_tokenizer
+from tga.model.vision import load_image_processor
+from tga.model.vlm import build_vlm
+from tga.train.run import guide_settings
+from tga.train.stages import apply_stage, trainable_components
+from tga.train.trainer import GuideSettings, TGATrainer
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_assets):
+    tokenizer = load_tokenizer(tiny_assets["llm"])
+    torch.manual_seed(0)
+    probe = build_vlm(tiny_assets["llm"], tiny_assets["vision"], tokenizer)
+    builder = SampleBuilder(tokenizer=tokenizer, template=get_template("llava_llama_2"),
+                            image_processor=load_image_processor(tiny_assets["vision"]),
+                            image_folder=tiny_assets["image_folder"], image_token_id=image_token_id(tokenizer),
+                            num_image_tokens=probe.config.image_seq_length, use_retrieved=True, caption_target=True)
+    records = load_records(tiny_assets["stage2"])
+    guided = [r for r in records if r.image and r.caption and not r.toxic]
+    unguided = [r for r in records if r.image is None]
+    return {"tokenizer": tokenizer, "builder": builder, "guided": guided, "unguided": unguided, "assets": tiny_assets}
+
+
+def fresh_model(parts, stage: str):
+    torch.manual_seed(0)
+    model = build_vlm(parts["assets"]["llm"], parts["assets"]["vision"], parts["tokenizer"])
+    apply_stage(model, trainable_components(stage))
+    return model
+
+
+def make_trainer(parts, model, samples, output_dir, guide=None, **overrides):
+    settings = {"output_dir": str(output_dir), "report_to": "none", "per_device_train_batch_size": 2,
+                "max_steps": 4, "logging_steps": 1, "save_strategy": "no", "learning_rate": 1e-2, "seed": 0,
+                "lr_scheduler_type": "constant", "dataloader_num_workers": 0, "max_grad_norm": 0.0,
+                **overrides}
+    projector_lr = settings.pop("mm_projector_lr", None)
+    return TGATrainer(model=model, args=TrainingArguments(**settings), train_dataset=samples,
+                      data_collator=VLMCollator(parts["tokenizer"].pad_token_id),
+                      processing_class=parts["tokenizer"], guide=guide, projector_lr=projector_lr)
+
+
+def logged(trainer, key):
+    return {entry["step"]: entry[key] for entry in trainer.state.log_history if key in entry}
+
+
+class StopAt(TrainerCallback):
+    """Ends training after step N, as a kill right after that step's checkpoint would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+def test_kill_and_resume_keeps_the_caption_centre_and_the_losses(parts, tmp_path):
+    samples = [parts["builder"].build(r) for r in parts["guided"][:8]]
+    guide = GuideSettings(layers=[1, 2], center=True)
+    whole = make_trainer(parts, fresh_model(parts, "pretrain"), samples, tmp_path / "whole", guide)
+    whole.train()
+
+    first = make_trainer(parts, fresh_model(parts, "pretrain"), samples, tmp_path / "killed", guide,
+                         save_strategy="steps", save_steps=2)
+    first.add_callback(StopAt(2))
+    first.train()
+    checkpoint = tmp_path / "killed" / "checkpoint-2"
+    assert (checkpoint / "tga_guide_state.safetensors").is_file()
+    resumed = make_trainer(parts, fresh_model(parts, "pretrain"), samples, tmp_path / "killed", guide,
+                           save_strategy="steps", save_steps=2)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+
+    for key in ("loss", "tga/guide_loss", "tga/cos_ic/L2"):
+        expected, got = logged(whole, key), logged(resumed, key)
+        assert sorted(got) == [1, 2, 3, 4]  # steps 1-2 from the checkpoint's log history, 3-4 from the resumed run
+        assert got == pytest.approx(expected, rel=1e-5), key
+    assert torch.allclose(resumed.guide.center(), whole.guide.center(), rtol=1e-6, atol=0)
+
+
+def step_gradients(parts, samples, guide, batch, accumulation, tmp_path):
+    model = fresh_model(parts, "finetune")
+    trainer = make_trainer(parts, model, samples, tmp_path, guide, per_device_train_batch_size=batch,
+                           gradient_accumulation_steps=accumulation, max_steps=1)
+    grads = {}
+
+    class Capture(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    trainer.add_callback(Capture())
+    trainer.train()
+    return grads
+
+
+@pytest.mark.parametrize("with_guide", [False, True], ids=["ce", "ce+guide"])
+def test_batch_4_equals_batch_2_with_accumulation_2(parts, tmp_path, with_guide):
+    # One sample without an image (no guide sample) among four: the two micro-batches hold 1 and 2 guide samples.
+    records = [*parts["guided"][:3], parts["unguided"][0]]
+    samples = [parts["builder"].build(r) for r in records]
+    guide = GuideSettings(layers=[1, 2], weight=5.0) if with_guide else None
+    whole = step_gradients(parts, samples, guide, 4, 1, tmp_path / "whole")
+    split = step_gradients(parts, samples, guide, 2, 2, tmp_path / "split")
+    assert whole.keys() == split.keys() and any(name.startswith("model.language_model") for name in whole)
+    for name, grad in whole.items():
+        assert torch.allclose(split[name], grad, rtol=1e-4, atol=1e-7), name
+
+
+def test_embed_multimodal_gives_llavas_logits(parts):
+    model = fresh_model(parts, "finetune").eval()
+    trainer = make_trainer(parts, model, [], "unused")
+    collate = VLMCollator(parts["tokenizer"].pad_token_id)
+    for records in (parts["guided"][:2], parts["unguided"][:2]):  # an image batch, a text-only batch
+        batch = collate([parts["builder"].build(r) for r in records])
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
+        with torch.no_grad():
+            expected = model(**inputs).logits
+            got = model(**trainer.embed_multimodal(model, dict(inputs))).logits
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_projector_learning_rate_reaches_the_optimizer(parts, tmp_path):
+    model = fresh_model(parts, "finetune")
+    samples = [parts["builder"].build(r) for r in parts["guided"][:4]]
+    trainer = make_trainer(parts, model, samples, tmp_path, max_steps=2, learning_rate=1e-3, mm_projector_lr=5e-2,
+                           weight_decay=0.1)
+    trainer.train()
+    projector = {id(p) for p in model.model.multi_modal_projector.parameters()}
+    trained = {id(p) for p in model.parameters() if p.requires_grad}
+    seen = set()
+    for group in trainer.optimizer.param_groups:
+        ids = {id(p) for p in group["params"]}
+        seen |= ids
+        assert ids <= projector or not ids & projector  # a group is all projector or no projector
+        assert group["lr"] == pytest.approx(5e-2 if ids <= projector else 1e-3)
+    assert seen == trained
+
+
+@pytest.mark.parametrize("schedule", ["linear", "released"])
+def test_guide_weight_schedules_through_the_trainer(parts, tmp_path, schedule):
+    # Learning rate 0: the states never change, so every step's guide loss differs only by its schedule.
+    samples = [parts["builder"].build(r) for r in parts["guided"][:4]]
+    form = "released" if schedule == "released" else "paper"
+    trainer = make_trainer(parts, fresh_model(parts, "pretrain"), samples, tmp_path,
+                           GuideSettings(layers=[1, 2], weight=2.0, schedule=schedule, form=form),
+                           per_device_train_batch_size=4, learning_rate=0.0)
+    trainer.train()
+    weights, pairs = logged(trainer, "tga/weight"), logged(trainer, "tga/pair")
+    progress = {step: (step - 1) / 4 for step in (1, 2, 3, 4)}  # step s runs at global_step s - 1
+    if schedule == "linear":
+        assert weights == pytest.approx({s: 2.0 * (1 - r) for s, r in progress.items()})
+        assert pairs == pytest.approx({s: pairs[1] for s in pairs}, rel=1e-5)
+    else:
+        assert weights == pytest.approx({s: 2.0 for s in progress})
+        assert pairs == pytest.approx({s: pairs[1] * (1 - r) for s, r in progress.items()}, rel=1e-5)
+
+
+def test_guide_options_named_in_messages_exist(tmp_path):
+    argv = ["--data_path", "x.json", "--output_dir", str(tmp_path), "--tga", "true", "--tga_layers", "1-2",
+            "--tga_pair_weight", "0.5", "--tga_hinge_weight", "0.2", "--tga_center_momentum", "0.9"]
+    _, _, tga_args, _ = parse_config(argv)
+    model = SimpleNamespace(config=SimpleNamespace(text_config=SimpleNamespace(num_hidden_layers=4)))
+    settings = guide_settings(tga_args, model)
+    assert (settings.pair_weight, settings.hinge_weight, settings.center_momentum) == (0.5, 0.2, 0.9)
+    for flag, value in (("--tga_pair_weight", "-1"), ("--tga_hinge_weight", "-0.5"), ("--tga_center_momentum", "1")):
+        with pytest.raises(ConfigError, match=flag):
+            guide_settings(parse_config([*argv, flag, value])[2], model)
