@@ -34,7 +34,7 @@ from tga.align.centering import CaptionCenter
 from tga.align.pooling import pool_layers
 from tga.align.tga_loss import guide_loss
 from tga.errors import ConfigError
-from tga.model.text_states import text_hidden_states
+from tga.model.text_states import supports_partial_pass, text_hidden_states
 from tga.train.running_means import DeviceMeans
 
 logger = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ class Guide:
             if any(p.requires_grad for p in live.parameters()):  # a frozen LLM (stage 1) is its own frozen target
                 self.frozen_language_model = copy.deepcopy(live).eval().requires_grad_(False)
         self.metrics = DeviceMeans()
+        self.caption_token_count: torch.Tensor | int = 0  # tokens through the caption pass, summed on the device
         # The optimizer step now running (start_step): guide samples over its micro-batches (and ranks), ranks
         # counted, micro-batches. None outside training: each call is then its own batch.
         self.step_samples: torch.Tensor | int | None = None
@@ -139,6 +140,22 @@ class Guide:
             share = share * self.step_micro_batches
         return weight * share * loss
 
+    # ---- cost (tga.train.cost) ----
+    def caption_tokens(self) -> int:
+        """Tokens this rank ran through the caption pass so far (reads the device: call at the end)."""
+        return int(self.caption_token_count)
+
+    def caption_parameters(self, model) -> int:
+        """Parameters the caption pass runs: the target LLM's embeddings and layers up to the deepest target layer
+        (the whole LLM when the pass takes the full forward); ZeRO-3 partitions counted whole."""
+        language_model = self.frozen_language_model or model.model.language_model
+        depth = max(self.layers)
+        if depth >= language_model.config.num_hidden_layers or not supports_partial_pass(language_model):
+            modules = [language_model]
+        else:
+            modules = [language_model.embed_tokens, *language_model.layers[:depth]]
+        return sum(int(getattr(p, "ds_numel", p.numel())) for module in modules for p in module.parameters())
+
     # ---- the loss ----
     def caption_states(self, model, extras: dict, hidden_size: int, device) -> torch.Tensor:
         """Pooled caption states [L, G, H] from a no-grad text pass of the target LLM.
@@ -154,6 +171,7 @@ class Guide:
             ids = torch.full((1, 1), self.pad_token_id, device=device)
             attention, mask = torch.ones_like(ids, dtype=torch.bool), None
         if mask is not None or self.always_run_all_modules:
+            self.caption_token_count = self.caption_token_count + attention.sum()
             with torch.no_grad():  # stops after the deepest target layer: the layers above cannot change its states
                 hidden = text_hidden_states(language_model, ids, attention, depth=max(self.layers))
         if mask is None:

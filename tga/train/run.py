@@ -151,7 +151,13 @@ def run_stage(stage: str, argv: list[str]) -> str:
     )
     if training_args.include_num_input_tokens_seen == "no":
         training_args.include_num_input_tokens_seen = "non_padding"  # the token count of cost.json
-    trainer.add_callback(CostCallback(training_args.output_dir, f"{'tga' if tga_args.tga else 'llava'}-{stage}"))
+    guide = trainer.guide  # its caption pass is a forward-only pass; a frozen target is a second copy of the LLM
+    trainer.add_callback(CostCallback(
+        training_args.output_dir, f"{'tga' if tga_args.tga else 'llava'}-{stage}",
+        reference=guide.frozen_language_model if guide else None,
+        reference_params=guide.caption_parameters(model) if guide else None,
+        reference_tokens=guide.caption_tokens if guide else None,
+    ))
     guards = run_guards(training_args, dataset.log)
     for callback in guards.callbacks:
         trainer.add_callback(callback)
