@@ -4,6 +4,8 @@ learning rate, the guide-weight schedules, and the guide options named in error 
 
 from __future__ import annotations
 
+import os
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -20,6 +22,7 @@ from tga.model.tokenizer import image_token_id, load_tokenizer
 from tga.model.vision import load_image_processor
 from tga.model.vlm import build_vlm
 from tga.train.run import guide_settings
+from tga.train.running_means import RunningMeans
 from tga.train.stages import apply_stage, trainable_components
 from tga.train.trainer import GuideSettings, TGATrainer
 
@@ -182,3 +185,81 @@ def test_guide_options_named_in_messages_exist(tmp_path):
     for flag, value in (("--tga_pair_weight", "-1"), ("--tga_hinge_weight", "-0.5"), ("--tga_center_momentum", "1")):
         with pytest.raises(ConfigError, match=flag):
             guide_settings(parse_config([*argv, flag, value])[2], model)
+
+
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__")
+
+
+def test_a_micro_step_that_does_not_log_never_reads_the_device_from_tga_code(parts, tmp_path, monkeypatch):
+    samples = [parts["builder"].build(r) for r in [*parts["guided"][:3], parts["unguided"][0]]]
+    model = fresh_model(parts, "finetune")
+    trainer = make_trainer(parts, model, samples, tmp_path, GuideSettings(layers=[1, 2], center=True),
+                           logging_steps=10)
+    trainer.state.global_step, trainer.state.logging_steps = 3, 10  # step 4 of 10: not a logging step
+    batch = VLMCollator(parts["tokenizer"].pad_token_id)(samples)
+    reads = []
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _original=original, _name=name, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if f"{os.sep}tga{os.sep}" in caller and f"{os.sep}tests{os.sep}" not in caller:
+                reads.append((_name, caller, sys._getframe(1).f_lineno))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    loss = trainer.compute_loss(model, dict(batch))
+    loss.backward()
+    monkeypatch.undo()
+    assert reads == []
+    assert "tga/specificity" not in trainer.guide.metrics.sums  # the diagnostic waits for a logging step
+    trainer.state.global_step = 9  # step 10 logs
+    trainer.compute_loss(model, dict(batch))
+    assert "tga/specificity" in trainer.guide.metrics.sums
+
+
+def test_logged_guide_metrics_equal_the_per_step_values(parts, tmp_path):
+    """Every step logged: the device-side means give what the per-step float path (RunningMeans) gives for the same
+    metrics. Every second step logged: the means of the two steps, and the specificity of the logging step."""
+    samples = [parts["builder"].build(r) for r in [*parts["guided"][:6], parts["unguided"][0], parts["unguided"][1]]]
+    settings = GuideSettings(layers=[1, 2], center=True)
+    # Batches of 4 from 6 guided and 2 text-only records: every batch has >= 2 guide samples (a defined specificity).
+    every = make_trainer(parts, fresh_model(parts, "finetune"), samples, tmp_path / "every", settings,
+                         learning_rate=1e-3, per_device_train_batch_size=4)
+    per_step = []  # the metrics of each micro-batch, as the guide returns them, through the old float path
+
+    class Record(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            per_step.append(dict(reference.drain()))
+
+    reference = RunningMeans()
+    guide_loss_of = every.guide.loss
+
+    def recorded_loss(*args, **kwargs):
+        loss, metrics = guide_loss_of(*args, **kwargs)
+        for key, value in metrics.items():
+            value = torch.as_tensor(value, dtype=torch.float32).detach().cpu()
+            name = key if key.startswith("tga/") else f"tga/{key}"
+            if value.ndim == 0:
+                reference.add(name, float(value))
+            else:
+                for layer, item in zip([1, 2], value.tolist()):
+                    reference.add(f"{name}/L{layer}", item)
+        return loss, metrics
+
+    every.guide.loss = recorded_loss
+    every.add_callback(Record())
+    every.train()
+    for step, expected in enumerate(per_step, start=1):
+        for key, value in expected.items():
+            assert logged(every, key)[step] == pytest.approx(value, rel=1e-6, abs=1e-7), (step, key)
+
+    pairs = make_trainer(parts, fresh_model(parts, "finetune"), samples, tmp_path / "pairs", settings,
+                         learning_rate=1e-3, per_device_train_batch_size=4, logging_steps=2)
+    pairs.train()
+    for key in ("tga/cos_ic/L1", "tga/guide_loss", "tga/hinge"):
+        each = logged(every, key)
+        assert logged(pairs, key) == pytest.approx({2: (each[1] + each[2]) / 2, 4: (each[3] + each[4]) / 2},
+                                                   rel=1e-5), key
+    spec = logged(every, "tga/specificity/L2")
+    assert logged(pairs, "tga/specificity/L2") == pytest.approx({2: spec[2], 4: spec[4]}, rel=1e-5)
