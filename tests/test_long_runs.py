@@ -1,6 +1,7 @@
 """What a long run does that a short one does not, through the real TGATrainer on the tiny model: kill + resume with
 a caption centre, gradient accumulation, the hand-built multimodal embedding of multi-rank ZeRO-3, the projector's
-learning rate, the guide-weight schedules, and the guide options named in error messages."""
+learning rate, the guide-weight schedules, the guide options named in error messages, no device reads on steps that
+do not log, and the caption-state bank (tga.align.bank)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
+from tga.align.bank import caption_rows, data_fingerprint, model_fingerprint, open_or_build
 from tga.config import TrainingArguments, parse_config
 from tga.data.collator import VLMCollator
 from tga.data.dataset import SampleBuilder
@@ -263,3 +265,72 @@ def test_logged_guide_metrics_equal_the_per_step_values(parts, tmp_path):
                                                    rel=1e-5), key
     spec = logged(every, "tga/specificity/L2")
     assert logged(pairs, "tga/specificity/L2") == pytest.approx({2: spec[2], 4: spec[4]}, rel=1e-5)
+
+
+# ---- the caption-state bank ----
+LAYERS = [1, 2]
+
+
+def live_states(trainer, model, row):
+    _, ids, mask = row
+    extras = {"caption_input_ids": ids[None], "caption_attention_mask": torch.ones_like(ids, dtype=torch.bool)[None],
+              "caption_mask": mask[None]}
+    return trainer.guide.caption_states(model, extras, model.config.text_config.hidden_size, "cpu")
+
+
+def test_bank_states_are_the_live_pass_bitwise_in_float32(parts, tmp_path):
+    model = fresh_model(parts, "pretrain")
+    trainer = make_trainer(parts, model, [], tmp_path / "out", GuideSettings(layers=LAYERS))
+    rows = caption_rows(parts["guided"][:5], parts["builder"])
+    bank = open_or_build(str(tmp_path / "bank"), model.model.language_model, rows, LAYERS, dtype="float32",
+                         pad_token_id=parts["tokenizer"].pad_token_id, batch_size=1)
+    for row in rows:
+        assert torch.equal(bank.lookup([row[0]], "cpu"), live_states(trainer, model, row))
+    # half-precision storage: the same states, rounded
+    for dtype, tolerance in (("float16", 1e-3), ("bfloat16", 1e-2)):
+        half = open_or_build(str(tmp_path / dtype), model.model.language_model, rows, LAYERS, dtype=dtype,
+                             pad_token_id=parts["tokenizer"].pad_token_id)
+        assert torch.allclose(half.lookup([r[0] for r in rows], "cpu"), bank.lookup([r[0] for r in rows], "cpu"),
+                              rtol=tolerance, atol=tolerance)
+        assert half.states.dtype.itemsize == 2
+
+
+def test_training_with_the_bank_gives_the_losses_of_training_without(parts, tmp_path):
+    records = [*parts["guided"][:6], parts["unguided"][0], parts["unguided"][1]]
+    samples = [parts["builder"].build(r) for r in records]
+    runs = {}
+    for name, bank in (("live", None), ("bank", str(tmp_path / "bank"))):
+        settings = GuideSettings(layers=LAYERS, bank=bank, bank_dtype="float32", center=True)
+        trainer = make_trainer(parts, fresh_model(parts, "pretrain"), samples, tmp_path / name, settings)
+        trainer.guide.bank_rows = lambda: caption_rows(records, parts["builder"])
+        trainer.train()
+        runs[name] = trainer
+    assert runs["bank"].guide.bank is not None and runs["live"].guide.bank is None
+    assert runs["bank"].guide.caption_tokens() == 0 < runs["live"].guide.caption_tokens()  # no caption pass ran
+    for key in ("loss", "tga/guide_loss", "tga/cos_ic/L2"):
+        assert logged(runs["bank"], key) == pytest.approx(logged(runs["live"], key), rel=1e-5), key
+
+
+def test_a_stale_bank_is_refused_by_name(parts, tmp_path):
+    model = fresh_model(parts, "pretrain")
+    language_model = model.model.language_model
+    rows = caption_rows(parts["guided"][:4], parts["builder"])
+    folder = str(tmp_path / "bank")
+    pad = parts["tokenizer"].pad_token_id
+    open_or_build(folder, language_model, rows, LAYERS, dtype="float16", pad_token_id=pad)
+    with pytest.raises(ConfigError, match=r"--tga_bank .*target layers \[1, 2\].*\[1, 3\]"):
+        open_or_build(folder, language_model, rows, [1, 3], dtype="float16", pad_token_id=pad)
+    with pytest.raises(ConfigError, match="--tga_bank .*other data"):
+        open_or_build(folder, language_model, rows[:3], LAYERS, dtype="float16", pad_token_id=pad)
+    before = model_fingerprint(language_model, 2)
+    with torch.no_grad():
+        language_model.layers[1].mlp.down_proj.weight[0, 0] += 1e-3
+    assert model_fingerprint(language_model, 2) != before
+    with pytest.raises(ConfigError, match="--tga_bank .*another model"):
+        open_or_build(folder, language_model, rows, LAYERS, dtype="float16", pad_token_id=pad)
+    # a layer above the deepest target cannot change the caption states: the bank still fits
+    with torch.no_grad():
+        language_model.layers[1].mlp.down_proj.weight[0, 0] -= 1e-3
+        language_model.layers[3].mlp.down_proj.weight[0, 0] += 1.0
+    assert open_or_build(folder, language_model, rows, LAYERS, dtype="float16", pad_token_id=pad) is not None
+    assert data_fingerprint(rows) != data_fingerprint(list(reversed(rows)))

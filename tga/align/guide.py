@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file, save_file
 
+from tga.align.bank import open_or_build
 from tga.align.centering import CaptionCenter
 from tga.align.pooling import pool_layers
 from tga.align.tga_loss import guide_loss
@@ -53,6 +54,8 @@ class GuideSettings:
     pair_weight: float | None = None  # None: the form's default (tga_loss.DEFAULT_WEIGHTS)
     hinge_weight: float | None = None
     center_momentum: float = 0.99
+    bank: str | None = None  # caption-state bank folder (tga.align.bank), for a target that cannot change
+    bank_dtype: str = "float16"
 
     def __post_init__(self):
         for option, value in (("--tga_pair_weight", self.pair_weight), ("--tga_hinge_weight", self.hinge_weight)):
@@ -81,7 +84,9 @@ class Guide:
         self.center = (CaptionCenter(len(self.layers), hidden_size, settings.center_momentum)
                        if settings.center else None)
         self.frozen_language_model = None
-        if settings.target == "frozen":
+        self.bank = None  # opened (or built) at train start: prepare_bank
+        self.bank_rows = None  # () -> [(record id, caption ids, caption mask)], set by whoever owns the data
+        if settings.target == "frozen" and settings.bank is None:  # with a bank, the bank is the frozen target
             live = model.model.language_model
             if any(p.requires_grad for p in live.parameters()):  # a frozen LLM (stage 1) is its own frozen target
                 self.frozen_language_model = copy.deepcopy(live).eval().requires_grad_(False)
@@ -140,6 +145,17 @@ class Guide:
             share = share * self.step_micro_batches
         return weight * share * loss
 
+    def prepare_bank(self, model, rank: int = 0, world_size: int = 1, resuming: bool = False) -> None:
+        """Open the caption-state bank of `settings.bank`, building it first (a no-grad pass sharded over ranks) when
+        it is missing; a bank built for other layers, another model or other data is refused by name."""
+        if self.settings.bank is None or self.bank is not None:
+            return
+        if self.bank_rows is None:
+            raise ConfigError(f"--tga_bank {self.settings.bank}: the trainer was given no records to build it from")
+        self.bank = open_or_build(self.settings.bank, model.model.language_model, self.bank_rows(), self.layers,
+                                  dtype=self.settings.bank_dtype, pad_token_id=self.pad_token_id, rank=rank,
+                                  world_size=world_size, resuming=resuming)
+
     # ---- cost (tga.train.cost) ----
     def caption_tokens(self) -> int:
         """Tokens this rank ran through the caption pass so far (reads the device: call at the end)."""
@@ -162,6 +178,9 @@ class Guide:
 
         With no guide sample (G = 0) the pass still runs on one token when every rank must run the same modules.
         """
+        if self.bank is not None:  # the target read from the bank: no caption pass
+            ids = extras.get("guide_ids") or []
+            return self.bank.lookup(ids, device) if ids else torch.zeros(len(self.layers), 0, hidden_size, device=device)
         language_model = self.frozen_language_model or model.model.language_model
         if self.frozen_language_model is not None and next(language_model.parameters()).device != device:
             language_model.to(device)

@@ -53,6 +53,7 @@ class VLMCollator:
             # Which guide samples have retrieved text, as index lists: the trainer splits on them without reading
             # a device tensor back (a boolean mask on the accelerator would make every step wait for it).
             retrieved = [bool(samples[row]["retrieved_mask"].any()) for row in guided]
+            batch["guide_ids"] = [samples[row]["id"] for row in guided]  # rows of the caption-state bank
             batch["guide_with_retrieved"] = torch.tensor([i for i, r in enumerate(retrieved) if r], dtype=torch.long)
             batch["guide_without_retrieved"] = torch.tensor([i for i, r in enumerate(retrieved) if not r],
                                                             dtype=torch.long)

@@ -33,14 +33,19 @@ from tga.train.throughput import Throughput
 __all__ = ["BATCH_EXTRAS", "GuideSettings", "GuideStateCallback", "TGATrainer"]
 
 BATCH_EXTRAS = ("image_mask", "retrieved_mask", "guide_index", "caption_input_ids", "caption_attention_mask",
-                "caption_mask", "guide_with_retrieved", "guide_without_retrieved")
+                "caption_mask", "guide_with_retrieved", "guide_without_retrieved", "guide_ids")
 
 
 class GuideStateCallback(TrainerCallback):
-    """Writes the guide's state (the caption centre) into each checkpoint folder (rank 0; all ranks hold the same)."""
+    """Opens (or builds) the caption-state bank when training starts, and writes the guide's state (the caption
+    centre) into each checkpoint folder (rank 0; all ranks hold the same)."""
 
     def __init__(self, guide: Guide):
         self.guide = guide
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        # After the DeepSpeed engine exists: under ZeRO-3 the bank's pass needs its parameter hooks.
+        self.guide.prepare_bank(model, args.process_index, args.world_size, resuming=state.global_step > 0)
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
