@@ -4,7 +4,8 @@ Pads a list of samples into a batch. Besides input_ids / labels / attention_mask
 the TGA spans: `image_mask` and `retrieved_mask` over the training sequence, and a caption batch
 (`caption_input_ids`, `caption_attention_mask`, `caption_mask`) holding the caption-only text of the samples that
 enter the guide loss, whose positions in the main batch are `guide_index`, split by `guide_with_retrieved` /
-`guide_without_retrieved` (positions within the caption batch).
+`guide_without_retrieved` (positions within the caption batch), and `guide_ids`, their record ids (a list of str,
+which the device transfer leaves alone: the rows of the caption-state bank).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def pad(sequences: list[torch.Tensor], value, dtype=None) -> torch.Tensor:
 class VLMCollator:
     pad_token_id: int
 
-    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor | list[str]]:
         input_ids = pad([s["input_ids"] for s in samples], self.pad_token_id)
         batch = {
             "input_ids": input_ids,
