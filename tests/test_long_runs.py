@@ -5,6 +5,7 @@ do not log, and the caption-state bank (tga.align.bank)."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from types import SimpleNamespace
@@ -334,3 +335,19 @@ def test_a_stale_bank_is_refused_by_name(parts, tmp_path):
         language_model.layers[3].mlp.down_proj.weight[0, 0] += 1.0
     assert open_or_build(folder, language_model, rows, LAYERS, dtype="float16", pad_token_id=pad) is not None
     assert data_fingerprint(rows) != data_fingerprint(list(reversed(rows)))
+
+
+@pytest.mark.distributed
+def test_frozen_target_from_a_bank_under_two_rank_zero3_stage2(tiny_assets, launch_stage, tmp_path):
+    """Without a bank run_stage refuses this (a second full LLM on every rank); with one, the ranks build it together
+    and train."""
+    out = launch_stage("finetune.py", "configs/finetune/tiny_cpu_tga.yaml", str(tmp_path / "run"), tiny_assets,
+                       "--data_path", tiny_assets["stage2"], "--pretrain_mm_mlp_adapter", "", "--max_steps", "2",
+                       "--tga_target", "frozen", "--tga_bank", str(tmp_path / "bank"), "--tga_center", "true")
+    with open(tmp_path / "bank" / "bank.json", encoding="utf-8") as handle:
+        meta = json.load(handle)
+    guided = [r for r in load_records(tiny_assets["stage2"]) if r.image and r.caption and not r.toxic]
+    assert meta["ids"] == [r.id for r in guided] and meta["layers"] == [1, 2, 3]
+    with open(os.path.join(out, "trainer_state.json"), encoding="utf-8") as handle:
+        history = json.load(handle)["log_history"]
+    assert [entry["step"] for entry in history if "tga/guide_loss" in entry] == [1, 2]
