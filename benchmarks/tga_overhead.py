@@ -91,7 +91,7 @@ def make_steps(steps_device: str, batch_size: int):
         outputs = model(**model_inputs, output_hidden_states=variant == "tga")
         loss = outputs.loss
         if variant == "tga":
-            loss = loss + trainer.guide_term(model, outputs.hidden_states, batch)[0]
+            loss = loss + trainer.guide.loss(model, outputs.hidden_states, batch)[0]
         elif variant == "released":
             model.set_attn_implementation("eager")
             second = model(**{k: v for k, v in model_inputs.items() if k != "labels"}, output_attentions=True,

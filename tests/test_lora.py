@@ -188,7 +188,7 @@ def test_tga_guide_gradient_reaches_lora_below_the_deepest_target_layer(setup):
                          guide=GuideSettings(layers=[1, 2]))
     batch = setup["batch"]
     hidden = model.train()(**{k: batch[k] for k in MODEL_KEYS}, output_hidden_states=True).hidden_states
-    loss, _ = trainer.guide_term(model, hidden, batch)  # the guide loss alone: no CE
+    loss, _ = trainer.guide.loss(model, hidden, batch)  # the guide loss alone: no CE
     loss.backward()
 
     def grad(layer, kind):

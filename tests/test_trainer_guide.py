@@ -43,7 +43,7 @@ def guide_backward(model, tokenizer, batch, args, stage, layers):
     trainer = TGATrainer(model=model, args=args, processing_class=tokenizer, guide=GuideSettings(layers=layers))
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}
     hidden = model(**inputs, output_hidden_states=True).hidden_states
-    loss, metrics = trainer.guide_term(model, hidden, batch)  # the guide loss alone: no CE
+    loss, metrics = trainer.guide.loss(model, hidden, batch)  # the guide loss alone: no CE
     assert loss.requires_grad and loss.grad_fn is not None
     loss.backward()
     return metrics
@@ -88,12 +88,12 @@ def test_centred_guide_measures_states_minus_the_running_caption_mean(setup):
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}
     with torch.no_grad():
         hidden = model(**inputs, output_hidden_states=True).hidden_states
-        _, metrics = trainer.guide_term(model, hidden, batch)
-        captions = trainer.caption_states(model, batch, hidden[0].shape[-1])
+        _, metrics = trainer.guide.loss(model, hidden, batch)
+        captions = trainer.guide.caption_states(model, batch, hidden[0].shape[-1], hidden[0].device)
     index = batch["guide_index"]
     images = pool_layers(hidden, [1, 2], batch["image_mask"])[:, index]
     centre = captions.mean(dim=1, keepdim=True)  # the first update sets the centre to the batch mean
-    assert torch.allclose(trainer.center().unsqueeze(1), centre, atol=1e-6)
+    assert torch.allclose(trainer.guide.center().unsqueeze(1), centre, atol=1e-6)
     expected = torch.nn.functional.cosine_similarity(images - centre, captions - centre, dim=-1).mean(dim=1)
     assert torch.allclose(metrics["cos_ic"], expected, atol=1e-5)
     uncentred = torch.nn.functional.cosine_similarity(images, captions, dim=-1).mean(dim=1)
@@ -109,9 +109,9 @@ def test_frozen_target_never_changes_while_the_model_trains(setup, tiny_assets):
     apply_stage(model, trainable_components("finetune"))
     trainer = TGATrainer(model=model, args=args, processing_class=tokenizer,
                          guide=GuideSettings(layers=[1, 2], target="frozen"))
-    frozen = {k: v.clone() for k, v in trainer.frozen_language_model.state_dict().items()}
+    frozen = {k: v.clone() for k, v in trainer.guide.frozen_language_model.state_dict().items()}
     live_before = {k: v.clone() for k, v in model.model.language_model.state_dict().items()}
-    target_before = trainer.caption_states(model, batch, model.config.text_config.hidden_size)
+    target_before = trainer.guide.caption_states(model, batch, model.config.text_config.hidden_size, "cpu")
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     keys = ("input_ids", "attention_mask", "pixel_values", "labels", *BATCH_EXTRAS)
     for _ in range(3):
@@ -119,13 +119,14 @@ def test_frozen_target_never_changes_while_the_model_trains(setup, tiny_assets):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    assert all(torch.equal(v, frozen[k]) for k, v in trainer.frozen_language_model.state_dict().items())
+    assert all(torch.equal(v, frozen[k]) for k, v in trainer.guide.frozen_language_model.state_dict().items())
     assert any(not torch.equal(v, live_before[k]) for k, v in model.model.language_model.state_dict().items())
-    assert all(not p.requires_grad for p in trainer.frozen_language_model.parameters())
-    target_after = trainer.caption_states(model, batch, model.config.text_config.hidden_size)
+    assert all(not p.requires_grad for p in trainer.guide.frozen_language_model.parameters())
+    target_after = trainer.guide.caption_states(model, batch, model.config.text_config.hidden_size, "cpu")
     assert torch.equal(target_before, target_after)  # the target is the stage-start model's, bitwise
-    trainer.frozen_language_model = None  # the live target follows the trained model
-    assert not torch.allclose(trainer.caption_states(model, batch, model.config.text_config.hidden_size), target_after)
+    trainer.guide.frozen_language_model = None  # the live target follows the trained model
+    live = trainer.guide.caption_states(model, batch, model.config.text_config.hidden_size, "cpu")
+    assert not torch.allclose(live, target_after)
 
 
 def test_throughput_and_eta_between_logs():

@@ -80,6 +80,11 @@ class TGAArguments:
     tga_center: bool = False                            # subtract a running mean of caption states before cosines
     tga_guide_toxic: bool = False                       # also align records marked toxic (default: they never enter the guide)
     tga_caption_context: str = "alone"                  # alone (caption is the whole turn) | request (in the image's place)
+    tga_pair_weight: float | None = field(default=None, metadata={"help": "Weight of the image-caption term (default: the form's, 1 or 1/4 for released)."})
+    tga_hinge_weight: float | None = field(default=None, metadata={"help": "Weight of the retrieved-text hinge term (default: the form's, 1 or 1/10 for released)."})
+    tga_bank: str | None = field(default=None, metadata={"help": "Caption-state bank folder: caption states computed once (built if missing) where the target is fixed (stage 1, --tga_target frozen)."})
+    tga_bank_dtype: str = field(default="float16", metadata={"help": "Storage dtype of --tga_bank.", "choices": ["float16", "float32", "bfloat16"]})
+    tga_center_momentum: float = field(default=0.99, metadata={"help": "EMA momentum of the caption centre of --tga_center, in [0, 1)."})
     # fmt: on
 
 

@@ -2,8 +2,9 @@
 
 The pure-torch core of TGA: pooling of hidden states by token masks, the guide loss in its paper,
 released and contrastive forms, the running caption centre, the alignment-specificity diagnostic, and
-the choice of target layers. The trainer pools the training pass's image (and retrieved-text) states and
-the caption pass's states with `pool_layers`, then adds `guide_loss` to the language-modelling loss.
+the choice of target layers; around them `Guide` (tga.align.guide), the whole guide term of a training step (target
+source, centre, accumulation scaling, metrics), and the caption-state bank (tga.align.bank), the fixed target
+computed once. The trainer adds the guide's term to the language-modelling loss.
 """
 
 from tga.align.centering import CaptionCenter

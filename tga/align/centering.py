@@ -5,7 +5,7 @@ of one layer share a dominant direction (format, norm), so an uncentred cosine b
 states mostly rewards that shared direction; subtracting the running caption mean first makes the cosine
 measure content. The mean is an exponential moving average kept in a float32 buffer (saved with a state
 dict); under torch.distributed every rank folds in the same all-reduced batch mean, so all ranks hold the
-same centre.
+same centre. An update never reads a value back to the host (no device synchronisation per step).
 """
 
 from __future__ import annotations
@@ -74,15 +74,13 @@ class CaptionCenter(nn.Module):
         packed = torch.cat([states.sum(dim=1).flatten(), states.new_tensor([float(states.shape[1])])])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(packed)
-        count = packed[-1].item()
-        if count == 0:
-            return
-        batch_mean = packed[:-1].view(num_layers, hidden_size) / count
-        if self.initialized:
-            self.mean.mul_(self.momentum).add_(batch_mean, alpha=1.0 - self.momentum)
-        else:
-            self.mean.copy_(batch_mean)
-            self._initialized.fill_(True)
+        # Computed on the device, without reading the count back: the step never waits for the accelerator.
+        count = packed[-1]
+        batch_mean = packed[:-1].view(num_layers, hidden_size) / count.clamp(min=1.0)
+        blended = torch.where(self._initialized, self.momentum * self.mean + (1.0 - self.momentum) * batch_mean,
+                              batch_mean)
+        self.mean.copy_(torch.where(count > 0, blended, self.mean))
+        self._initialized.logical_or_(count > 0)
 
     def forward(self) -> Tensor:
         """Return the current centre [L, H] (float32)."""

@@ -159,6 +159,7 @@ def guide_loss(
     hinge_weight: float | None = None,
     temperature: float = 0.07,
     center: Tensor | None = None,
+    diagnostics: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The TGA guide loss on pooled per-layer states, with its metrics.
 
@@ -188,11 +189,12 @@ def guide_loss(
         hinge_weight: Weight of the retrieved-text hinge term (None: the form's default).
         temperature: InfoNCE temperature of the contrastive form (> 0).
         center: Optional per-layer centre [L, H].
+        diagnostics: Also compute `specificity` (a [L, B, B] cosine matrix used only for logging).
 
     Returns:
         (loss, metrics): the scalar loss (pair + hinge) and detached metrics: `cos_ic` [L] and, when R is
         given, `cos_rc` [L] (per-layer means over the batch, after centring), `pair` and `hinge` (scalars)
-        and `specificity` [L] (NaN for a batch of one; see `tga.align.metrics.specificity`).
+        and, with `diagnostics`, `specificity` [L] (NaN for a batch of one; see `tga.align.metrics.specificity`).
 
     Raises:
         ConfigError: unknown form, mismatched shapes, or an out-of-range option; the message names it.
@@ -214,8 +216,9 @@ def guide_loss(
             "cos_ic": terms.cos_ic.detach().mean(dim=1),
             "pair": terms.pair.detach(),
             "hinge": terms.hinge.detach(),
-            "specificity": specificity(image_states.detach(), caption_states.detach(), center=center),
         }
+        if diagnostics:
+            metrics["specificity"] = specificity(image_states.detach(), caption_states.detach(), center=center)
         if terms.cos_rc is not None:
             metrics["cos_rc"] = terms.cos_rc.detach().mean(dim=1)
     return loss, metrics

@@ -3,7 +3,9 @@
 Pads a list of samples into a batch. Besides input_ids / labels / attention_mask / pixel_values the batch carries
 the TGA spans: `image_mask` and `retrieved_mask` over the training sequence, and a caption batch
 (`caption_input_ids`, `caption_attention_mask`, `caption_mask`) holding the caption-only text of the samples that
-enter the guide loss, whose positions in the main batch are `guide_index`.
+enter the guide loss, whose positions in the main batch are `guide_index`, split by `guide_with_retrieved` /
+`guide_without_retrieved` (positions within the caption batch), and `guide_ids`, their record ids (a list of str,
+which the device transfer leaves alone: the rows of the caption-state bank).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def pad(sequences: list[torch.Tensor], value, dtype=None) -> torch.Tensor:
 class VLMCollator:
     pad_token_id: int
 
-    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor | list[str]]:
         input_ids = pad([s["input_ids"] for s in samples], self.pad_token_id)
         batch = {
             "input_ids": input_ids,
@@ -49,4 +51,11 @@ class VLMCollator:
                 [torch.ones_like(samples[row]["caption_input_ids"], dtype=torch.bool) for row in guided], False
             )
             batch["caption_mask"] = pad([samples[row]["caption_mask"] for row in guided], False)
+            # Which guide samples have retrieved text, as index lists: the trainer splits on them without reading
+            # a device tensor back (a boolean mask on the accelerator would make every step wait for it).
+            retrieved = [bool(samples[row]["retrieved_mask"].any()) for row in guided]
+            batch["guide_ids"] = [samples[row]["id"] for row in guided]  # rows of the caption-state bank
+            batch["guide_with_retrieved"] = torch.tensor([i for i, r in enumerate(retrieved) if r], dtype=torch.long)
+            batch["guide_without_retrieved"] = torch.tensor([i for i, r in enumerate(retrieved) if not r],
+                                                            dtype=torch.long)
         return batch

@@ -105,12 +105,22 @@ class SampleBuilder:
             "retrieved_mask": encoded.mask("retrieved"),
             "pixel_values": self.load_image(record) if has_image else None,
             "truncated": encoded.truncated,
-            "guide": bool(self.caption_target and has_image and record.caption and (self.guide_toxic or not record.toxic)),
+            "guide": self.enters_guide(record),
         }
         if sample["guide"]:
-            caption = self.encode(self.caption_segments(record, retrieved), record.id)
-            sample["caption_input_ids"], sample["caption_mask"] = caption.input_ids, caption.mask("caption")
+            sample["caption_input_ids"], sample["caption_mask"] = self.caption_pass(record)
         return sample
+
+    def enters_guide(self, record: Record) -> bool:
+        """Whether the record's sample carries a caption pass (an image with a caption, not toxic unless asked)."""
+        return bool(self.caption_target and record.image is not None and record.caption
+                    and (self.guide_toxic or not record.toxic))
+
+    def caption_pass(self, record: Record) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and caption mask of the record's caption pass (no image is read: the caption-state bank uses it)."""
+        retrieved = leak_guarded(record.retrieved, record.caption) if self.use_retrieved else None
+        caption = self.encode(self.caption_segments(record, retrieved), record.id)
+        return caption.input_ids, caption.mask("caption")
 
 
     def caption_segments(self, record: Record, retrieved: str | None) -> list[Segment]:

@@ -122,3 +122,41 @@ def save_model_folder(trainer, model, tokenizer, image_processor, output_dir: st
         tokenizer.chat_template = chat_template(getattr(model.config, "tga_template", None) or "llava_llama_2")
         tokenizer.save_pretrained(output_dir)
         build_processor(model, tokenizer, image_processor).save_pretrained(output_dir)
+
+
+def load_checkpoint_weights(model, folder: str) -> None:
+    """Load the weights of a `checkpoint-N` folder written by `Trainer.save_model` (single process, no DeepSpeed).
+
+    transformers 5 saves a Llava model under the layout its conversion mapping writes (`language_model.model.*`,
+    `multi_modal_projector.*`) but the Trainer's resume loads the file with a raw `load_state_dict`, which matches
+    none of those keys and leaves the model as it was built. The saved names are mapped back to the model's own.
+    """
+    from safetensors import safe_open
+    from transformers.core_model_loading import revert_weight_conversion
+
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        import json
+
+        with open(index, encoding="utf-8") as handle:
+            files = sorted(set(json.load(handle)["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    own = model.state_dict()
+    saved_name = {}
+    for name, tensor in own.items():  # one key at a time: Llava's conversions are renamings, one name to one
+        saved_name[next(iter(revert_weight_conversion(model, {name: tensor})))] = name
+    state = {}
+    for file in files:
+        path = os.path.join(folder, file)
+        if not os.path.isfile(path):
+            raise ConfigError(f"--resume_from_checkpoint {folder}: {file} is missing")
+        with safe_open(path, framework="pt") as handle:
+            for key in handle.keys():
+                state[saved_name.get(key, key)] = handle.get_tensor(key)
+    result = model.load_state_dict(state, strict=False)
+    tied = {name for name in result.missing_keys if getattr(model.config, "tie_word_embeddings", False)
+            and name.endswith("lm_head.weight")}
+    if set(result.missing_keys) - tied or result.unexpected_keys:
+        raise ConfigError(f"--resume_from_checkpoint {folder}: the saved weights do not fit the model "
+                          f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})")

@@ -8,7 +8,9 @@ FLOPs estimate (the usual transformer rule of thumb, documented in docs/unlearni
     6 * P_trained * T_train      forward + backward through the trained parameters
   + 2 * P_frozen  * T_train      forward through the frozen parameters of the trained model
   + 2 * P_ref     * T_ref        forward-only passes (frozen reference model of unlearning, TGA caption pass)
-with P counted over parameters (ZeRO-3 partitions counted whole) and T over non-padding tokens. It ignores the
+with P counted over parameters (ZeRO-3 partitions counted whole) and T over non-padding tokens. For TGA, P_ref is the
+part of the target LLM the caption pass runs (embeddings and the layers up to the deepest target layer) and T_ref the
+caption tokens of all ranks; a frozen target's copy is counted in `state_bytes.reference`. It ignores the
 activation gradients that backward still computes through frozen layers below trained ones (~2 P T) and counts the
 vision tower per LLM token rather than per patch, so it compares methods on one model, not across architectures.
 
@@ -130,13 +132,16 @@ class CostCallback(TrainerCallback):
             under LoRA); defaults to the reference model's size.
         frozen_params: frozen parameters that the training forward actually runs (text-only batches skip the vision
             tower); defaults to all frozen parameters of the model.
+        reference_tokens: with `counter` None, a function giving this rank's tokens through the forward-only pass
+            (TGA's caption pass: `Guide.caption_tokens`), read once when training ends.
     """
 
     def __init__(self, output_dir: str, method: str, *, counter: TokenCounter | None = None,
                  reference: torch.nn.Module | None = None, reference_params: int | None = None,
-                 frozen_params: int | None = None):
+                 frozen_params: int | None = None, reference_tokens=None):
         self.output_dir, self.method, self.counter = output_dir, method, counter
         self.reference, self.reference_params, self.frozen_params = reference, reference_params, frozen_params
+        self.reference_tokens = reference_tokens
         self.started = None
         self.peak_state: dict | None = None
         self.report: dict | None = None
@@ -159,7 +164,9 @@ class CostCallback(TrainerCallback):
             train_tokens, reference_tokens, samples = _all_reduce_sum(
                 [self.counter.train_tokens, self.counter.reference_tokens, self.counter.samples])
         else:
-            train_tokens, reference_tokens = int(state.num_input_tokens_seen), 0
+            train_tokens = int(state.num_input_tokens_seen)
+            local = int(self.reference_tokens()) if self.reference_tokens is not None else 0
+            reference_tokens = _all_reduce_sum([local])[0]
             samples = state.global_step * args.train_batch_size * args.gradient_accumulation_steps * args.world_size
         reference_params = self.reference_params
         if reference_params is None:

@@ -17,6 +17,7 @@ import torch
 from transformers import set_seed
 
 from tga.align import load_activation_layer, parse_layer_spec
+from tga.align.bank import caption_rows
 from tga.config import config_argv, parse_config, zero_stage
 from tga.data.arrow_records import ArrowSupervisedDataset, open_records
 from tga.data.collator import VLMCollator
@@ -107,7 +108,10 @@ def guide_settings(tga_args, model) -> GuideSettings | None:
         raise ConfigError("--tga true with no target layers: set --tga_layers")
     return GuideSettings(layers=layers, form=tga_args.tga_form, weight=tga_args.tga_weight,
                          schedule=tga_args.tga_schedule, temperature=tga_args.tga_temperature,
-                         target=tga_args.tga_target, center=tga_args.tga_center)
+                         target=tga_args.tga_target, center=tga_args.tga_center,
+                         pair_weight=tga_args.tga_pair_weight, hinge_weight=tga_args.tga_hinge_weight,
+                         center_momentum=tga_args.tga_center_momentum, bank=tga_args.tga_bank,
+                         bank_dtype=tga_args.tga_bank_dtype)
 
 
 def write_resolved_config(output_dir: str, stage: str, argv: list[str], *arg_objects) -> dict:
@@ -129,9 +133,14 @@ def run_stage(stage: str, argv: list[str]) -> str:
     components = trainable_components(stage, tune_mm_mlp_adapter=model_args.tune_mm_mlp_adapter,
                                       freeze_backbone=model_args.freeze_backbone,
                                       freeze_mm_mlp_adapter=model_args.freeze_mm_mlp_adapter)
-    if tga_args.tga and tga_args.tga_target == "frozen" and "llm" in components and zero_stage(training_args) == 3:
+    if tga_args.tga and tga_args.tga_bank and tga_args.tga_target != "frozen" and "llm" in components:
+        raise ConfigError("--tga_bank needs a caption target that cannot change: stage 1 with the LLM frozen, or "
+                          "--tga_target frozen")
+    if (tga_args.tga and tga_args.tga_target == "frozen" and not tga_args.tga_bank and "llm" in components
+            and zero_stage(training_args) == 3):
         raise ConfigError("--tga_target frozen copies the LLM at the start of stage 2, which ZeRO-3 has partitioned; "
-                          "use ZeRO-2 (deepspeed_configs/zero2.json) or --tga_target live")
+                          "use --tga_bank DIR (the frozen target's states computed once), ZeRO-2 "
+                          "(deepspeed_configs/zero2.json) or --tga_target live")
     if model_args.lora_enable and "llm" not in components:
         raise ConfigError("--lora_enable is for stage 2 (finetune), where the LLM trains")
     if is_main_process():
@@ -159,7 +168,15 @@ def run_stage(stage: str, argv: list[str]) -> str:
     )
     if training_args.include_num_input_tokens_seen == "no":
         training_args.include_num_input_tokens_seen = "non_padding"  # the token count of cost.json
-    trainer.add_callback(CostCallback(training_args.output_dir, f"{'tga' if tga_args.tga else 'llava'}-{stage}"))
+    if trainer.guide is not None and tga_args.tga_bank:  # built from the records at train start if missing
+        trainer.guide.bank_rows = lambda: caption_rows(dataset.dataset.records, dataset.dataset.builder)
+    guide = trainer.guide  # its caption pass is a forward-only pass; a frozen target is a second copy of the LLM
+    trainer.add_callback(CostCallback(
+        training_args.output_dir, f"{'tga' if tga_args.tga else 'llava'}-{stage}",
+        reference=guide.frozen_language_model if guide else None,
+        reference_params=guide.caption_parameters(model) if guide else None,
+        reference_tokens=guide.caption_tokens if guide else None,
+    ))
     guards = run_guards(training_args, dataset.log)
     for callback in guards.callbacks:
         trainer.add_callback(callback)

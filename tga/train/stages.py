@@ -1,6 +1,8 @@
 """tga/train/stages.py
 
-What each training stage trains and freezes; the only place where `requires_grad` is set.
+What each training stage trains and freezes: the only place that sets `requires_grad` on the trained model's
+parameters (LoRA injection leaves only its adapters trainable before `apply_lora_stage` runs; the frozen caption target
+of `tga.align.guide` and the unlearning reference are separate copies, frozen where they are made).
 
     pretrain  (stage 1)  projector only; vision tower and LLM frozen
     finetune  (stage 2)  LLM + projector; vision tower frozen
