@@ -19,6 +19,7 @@ import socket
 import torch
 
 from tga.config import flag_value
+from tga.options import config_argv
 
 
 def free_port() -> int:
@@ -28,8 +29,8 @@ def free_port() -> int:
 
 
 def prepare_process(argv: list[str]) -> list[str]:
-    """Set up the process for the run described by `argv` (YAML already expanded); returns argv to parse."""
-    uses_deepspeed = bool(flag_value(argv, "deepspeed"))  # `--deepspeed ""` turns a YAML's DeepSpeed off
+    """Set up the process for the run described by `argv` (a YAML path and flags); returns argv to parse."""
+    uses_deepspeed = bool(flag_value(config_argv(argv), "deepspeed"))  # `--deepspeed ""` turns a YAML's DeepSpeed off
     if uses_deepspeed and "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
