@@ -8,6 +8,7 @@ import os
 import torch
 import yaml
 
+from tga.options import load_config
 from tga.train.cost import parameter_counts, state_bytes
 from tga.train.run import run_stage
 
@@ -31,8 +32,7 @@ def test_parameter_counts_and_state_bytes_count_tied_and_shared_storage_once():
 
 def test_a_tga_stage_writes_cost_json(tiny_assets, tmp_path):
     out = tmp_path / "stage2"
-    with open(os.path.join(REPO, "configs/finetune/tiny_cpu_tga.yaml"), encoding="utf-8") as handle:
-        recipe = yaml.safe_load(handle)
+    recipe = load_config(os.path.join(REPO, "configs/finetune/tiny_cpu_tga.yaml"))
     for key in ("deepspeed", "pretrain_mm_mlp_adapter"):  # one process, fresh projector
         recipe.pop(key, None)
     config = tmp_path / "recipe.yaml"

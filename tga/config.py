@@ -20,7 +20,9 @@ import transformers
 
 from tga.data.templates import ALIASES, TEMPLATES
 from tga.errors import ConfigError
+from tga.model.sources import check_file, check_model_source
 from tga.model.vision import SELECT_STRATEGY
+from tga.model.vlm import is_vlm_checkpoint
 from tga.options import config_argv, parse_dataclasses
 
 
@@ -185,6 +187,16 @@ def check_config(model_args, data_args, tga_args, training_args) -> None:
         if model_args.tune_mm_mlp_adapter or model_args.freeze_backbone:
             raise ConfigError("--lora_enable trains the LLM through adapters; it contradicts --tune_mm_mlp_adapter / "
                               "--freeze_backbone (LLM frozen)")
+
+
+def check_sources(model_args, tga_args) -> None:
+    """Every model, vision-tower and file path of the run exists (or is a loadable hub id), before anything is built."""
+    check_model_source("model_name_or_path", model_args.model_name_or_path)
+    if not is_vlm_checkpoint(model_args.model_name_or_path):  # a saved VLM brings its own vision tower
+        check_model_source("vision_tower", model_args.vision_tower)
+    check_file("pretrain_mm_mlp_adapter", model_args.pretrain_mm_mlp_adapter)
+    if tga_args.tga and tga_args.tga_layers == "auto":
+        check_file("tga_activation_file", tga_args.tga_activation_file)
 
 
 def zero_stage(training_args: TrainingArguments) -> int | None:

@@ -31,8 +31,10 @@ def text_builder(args):
         return None
     from tga.data.dataset import SampleBuilder
     from tga.data.templates import get_template
+    from tga.model.sources import check_model_source
     from tga.model.tokenizer import image_token_id, load_tokenizer
 
+    check_model_source("tokenizer", args.tokenizer)
     tokenizer = load_tokenizer(args.tokenizer, model_max_length=args.model_max_length)
     return SampleBuilder(tokenizer=tokenizer, template=get_template(args.template), image_processor=None,
                          image_folder=args.image_folder, image_token_id=image_token_id(tokenizer),

@@ -17,7 +17,7 @@ import torch
 from transformers import set_seed
 
 from tga.align import load_activation_layer, parse_layer_spec
-from tga.config import parse_config, zero_stage
+from tga.config import check_sources, parse_config, zero_stage
 from tga.data.arrow_records import ArrowSupervisedDataset, open_records
 from tga.data.collator import VLMCollator
 from tga.data.dataset import SampleBuilder
@@ -118,6 +118,7 @@ def run_stage(stage: str, argv: list[str]) -> str:
     """Train one stage; returns the output folder."""
     argv = prepare_process(argv)
     model_args, data_args, tga_args, training_args = parse_config(argv)
+    check_sources(model_args, tga_args)
     argv = config_argv(argv)  # recorded in tga_config.json as the flags that ran, not a path to a file that may change
     components = trainable_components(stage, tune_mm_mlp_adapter=model_args.tune_mm_mlp_adapter,
                                       freeze_backbone=model_args.freeze_backbone,
