@@ -26,7 +26,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("export", help="write an HF-native model folder (transformers, vLLM, lmms-eval)")
     parser.add_argument("source", help="stage-2 output folder, or a DeepSpeed checkpoint-N folder")
     parser.add_argument("out", help="output folder")
-    parser.add_argument("--format", choices=FORMATS, default="hf-llava")
+    parser.add_argument("--format", choices=FORMATS, default="hf-llava", help="layout of the exported folder")
     parser.set_defaults(func=run_export)
     parser = subparsers.add_parser("import-llava", help="convert an original LLaVA checkpoint to the HF Llava layout")
     parser.add_argument("source", help="LLaVA checkpoint folder (LlavaMistralForCausalLM / LlavaLlamaForCausalLM)")
