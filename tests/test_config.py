@@ -123,3 +123,16 @@ def test_base_cycles_and_missing_bases_are_named(tmp_path):
     (tmp_path / "orphan.yaml").write_text("seed: 1\n")
     with pytest.raises(ConfigError, match="unknown option `learnig_rate`"):
         parse_config([str(tmp_path / "typo.yaml")])
+
+
+def test_a_demo_phase_key_changes_when_a_base_of_its_recipe_changes(tmp_path):
+    from tga.demo.phases import Phase, recipe_files
+
+    (tmp_path / "base.yaml").write_text("learning_rate: 1.0e-3\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: base.yaml\nseed: 1\n")
+    phase = Phase("stage1", str(tmp_path / "run"), (("pretrain", str(child), "--seed", "2"),))
+    before = recipe_files(phase)
+    assert sorted(before) == sorted([str(child), str(tmp_path / "base.yaml")])
+    (tmp_path / "base.yaml").write_text("learning_rate: 2.0e-3\n")
+    assert recipe_files(phase) != before

@@ -110,3 +110,16 @@ def test_a_real_process_prints_one_line_and_no_traceback(tmp_path):
         output, _ = process.communicate(timeout=600)
         assert process.returncode == 2 and "Traceback" not in output, output
         assert output.strip().splitlines()[-1] == f"{stage}: error: {runs[stage][1]}", output
+
+
+def test_unlearning_options_are_spelled_exactly_too(tmp_path):
+    from tga.errors import ConfigError
+    from tga.unlearn.config import parse_unlearn_config
+
+    with pytest.raises(ConfigError, match=r"^unknown option --w_fg \(did you mean --w_fgt\?\)$"):
+        parse_unlearn_config(["--model", "m", "--harmful", "h.json", "--normal", "n.json", "--w_fg", "1"])
+    config = tmp_path / "unlearn.yaml"
+    config.write_text("w_fgt: 0.5\nreference: frozen\n")
+    with pytest.raises(ConfigError, match=rf"^{config}: argument --reference: invalid choice: 'frozen' "
+                                          r"\(choose from 'auto', 'copy', 'adapter'\)$"):
+        parse_unlearn_config([str(config), "--model", "m", "--harmful", "h.json", "--normal", "n.json"])

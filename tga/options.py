@@ -32,6 +32,24 @@ def load_config(path: str) -> dict:
     return _load(path, ())
 
 
+def config_chain(path: str) -> list[str]:
+    """The files a config is read from: itself, then its `base:` chain (what a cache key of the config must hash)."""
+    chain = [path]
+    while True:
+        try:
+            with open(chain[-1], encoding="utf-8-sig") as handle:
+                values = yaml.safe_load(handle)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return chain  # load_config names the problem when the config is parsed
+        base = values.get(BASE_KEY) if isinstance(values, dict) else None
+        if not isinstance(base, str) or not base:
+            return chain
+        following = os.path.join(os.path.dirname(chain[-1]), os.path.expanduser(base))
+        if os.path.realpath(following) in {os.path.realpath(item) for item in chain} or not os.path.isfile(following):
+            return chain  # load_config names the cycle or the missing file
+        chain.append(following)
+
+
 def _load(path: str, chain: tuple[str, ...]) -> dict:
     real = os.path.realpath(path)
     if real in chain:
