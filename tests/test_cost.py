@@ -15,6 +15,7 @@ from tga.data.templates import get_template
 from tga.model.tokenizer import image_token_id, load_tokenizer
 from tga.model.vision import load_image_processor
 from tga.model.vlm import build_vlm
+from tga.options import load_config
 from tga.train.cost import parameter_counts, state_bytes
 from tga.train.run import run_stage
 
@@ -38,8 +39,7 @@ def test_parameter_counts_and_state_bytes_count_tied_and_shared_storage_once():
 
 def run_tiny_stage(tiny_assets, tmp_path, name, data, *flags):
     out = tmp_path / name
-    with open(os.path.join(REPO, "configs/finetune/tiny_cpu_tga.yaml"), encoding="utf-8") as handle:
-        recipe = yaml.safe_load(handle)
+    recipe = load_config(os.path.join(REPO, "configs/finetune/tiny_cpu_tga.yaml"))
     for key in ("deepspeed", "pretrain_mm_mlp_adapter"):  # one process, fresh projector
         recipe.pop(key, None)
     config = tmp_path / f"{name}.yaml"

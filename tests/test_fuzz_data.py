@@ -1,6 +1,7 @@
 """Fuzz test of the data pipeline: randomly corrupted records and image files give either a correct sample or a
 `DataError` that names the record (or the file), never another exception."""
 
+import codecs
 import io
 import json
 import os
@@ -178,8 +179,12 @@ def make_case(rng, index, folder):
         expectations.append("error")
         label = path
     else:
-        with open(path, "w", encoding="utf-8", errors="surrogatepass") as handle:
+        # Every seventh file starts with a UTF-8 byte-order mark (Windows tools write one): read like any other.
+        encoding = "utf-8-sig" if index % 7 == 3 else "utf-8"
+        with open(path, "w", encoding=encoding, errors="surrogatepass") as handle:
             json.dump([record], handle, ensure_ascii=rng.random() < 0.5)
+        if encoding == "utf-8-sig":
+            names.append("bom_file")
     expected = "error" if "error" in expectations else "ok" if all(e == "ok" for e in expectations) else "either"
     return path, label, names, expected
 
@@ -232,3 +237,69 @@ def test_fuzzed_records_give_a_sample_or_a_named_error(builder, tmp_path):
     print(dict(outcomes), dict(sorted(by_name.items())))
     assert sum(outcomes.values()) == NUM_CASES >= 200
     assert outcomes["sample"] >= 40 and outcomes["error"] >= 40
+    assert by_name["bom_file:sample"] >= 5  # a BOM never turns a good record into an error
+
+
+def write_with_bom(path, records, jsonl):
+    text = "".join(json.dumps(r) + "\n" for r in records) if jsonl else json.dumps(records)
+    path.write_bytes(codecs.BOM_UTF8 + text.encode("utf-8"))
+    return str(path)
+
+
+@pytest.mark.parametrize("jsonl", [False, True])
+def test_files_with_a_byte_order_mark_are_read_by_every_reader(tiny_assets, tmp_path, jsonl):
+    """The in-memory reader, the Arrow conversion, the unlearning pairs reader and the retrieval corpus reader."""
+    from tga.data.arrow_records import open_records
+    from tga.retrieval.corpus import load_corpus
+    from tga.unlearn.data import load_pairs
+
+    records = load_records(tiny_assets["stage2"])[:6]
+    path = write_with_bom(tmp_path / f"records.json{'l' if jsonl else ''}", read_json(tiny_assets["stage2"])[:6], jsonl)
+    assert load_records(path) == records
+    assert list(open_records(path, cache_dir=str(tmp_path / "cache"))) == records
+    pairs = [{"prompt": f"question {i}", "response": f"answer {i}"} for i in range(3)]
+    pairs_path = write_with_bom(tmp_path / f"pairs.json{'l' if jsonl else ''}", pairs, jsonl)
+    assert [(p.prompt, p.response) for p in load_pairs(pairs_path, what="--normal")] == [
+        (f"question {i}", f"answer {i}") for i in range(3)]
+    csv_path = tmp_path / "pairs.csv"
+    csv_path.write_bytes(codecs.BOM_UTF8 + b"prompt,response\nquestion 0,answer 0\n")
+    assert [(p.prompt, p.response) for p in load_pairs(str(csv_path), what="--normal")] == [("question 0", "answer 0")]
+    corpus = write_with_bom(tmp_path / f"corpus.json{'l' if jsonl else ''}", [{"text": "a red circle"}], jsonl)
+    assert load_corpus(corpus)[0] == ["a red circle"]
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def model_path_cases(rng, folder):
+    """(value, expected): local-looking paths that do not exist, ids that are not hub ids, uncached hub ids (the tests
+    run offline), and real folders."""
+    names = {"llm": True, "Mistral-7B": True, "model.safetensors": True, "clip vit": False, "a/b/c": False,
+             "-leading-dash": False}  # name -> whether `name` and `org/name` are valid hub ids
+    for _ in range(40):
+        name = rng.choice(sorted(names))
+        prefix = rng.choice(["/nonexistent/", "./", "../", "~/", str(folder) + "/missing/", "", "org/"])
+        local = prefix not in ("", "org/") or not names[name]
+        yield prefix + name, "no such file or folder" if local else "not a local folder, and not in the hub cache"
+    yield str(folder), None
+    yield "", None
+
+
+@pytest.mark.parametrize("flag", ["model_name_or_path", "vision_tower", "tokenizer", "model"])
+def test_model_paths_that_do_not_exist_are_named_with_the_flag(flag, tmp_path):
+    from tga.errors import ConfigError
+    from tga.model.sources import check_model_source
+
+    checked = Counter()
+    for value, expected in model_path_cases(random.Random(flag), tmp_path):
+        if expected is None:
+            check_model_source(flag, value)
+            checked["ok"] += 1
+            continue
+        with pytest.raises(ConfigError) as error:
+            check_model_source(flag, value)
+        assert str(error.value).startswith(f"--{flag} {value}: {expected}"), (value, str(error.value))
+        checked[expected] += 1
+    assert checked["no such file or folder"] >= 10 and checked["not a local folder, and not in the hub cache"] >= 3

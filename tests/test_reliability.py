@@ -175,8 +175,9 @@ def test_startup_checks_fail_or_skip_and_count(tmp_path):
 class FakeBuilt:
     """A dataset whose records fail or truncate by id, like LazySupervisedDataset would."""
 
-    def __init__(self, ids, bad, long):
-        self.records = [type("R", (), {"id": i})() for i in ids]
+    def __init__(self, ids, bad, long, images=None):
+        images = images or {}
+        self.records = [type("R", (), {"id": i, "image": images.get(i)})() for i in ids]
         self.bad, self.long = bad, long
         self.modality_lengths = [1] * len(ids)
 
@@ -205,6 +206,18 @@ def test_guarded_dataset_replaces_deterministically_and_reports(tmp_path):
         strict[1]
     with pytest.raises(DataError, match="no record"):
         GuardedDataset(FakeBuilt(["a"], bad={"a"}, long=set()), BadRecordLog(None), skip_bad=True)[0]
+
+
+def test_a_replacement_keeps_the_modality_of_the_failed_record(tmp_path):
+    """With grouping, a batch holds one modality: an image record that fails is replaced by the next image record
+    that builds (text-only records in between are passed over), and by any record when no image record is left."""
+    images = {"i1": "a.png", "i2": "b.png", "i3": "c.png"}
+    dataset = GuardedDataset(FakeBuilt(["i1", "t1", "t2", "i2", "i3"], bad={"i1"}, long=set(), images=images),
+                             BadRecordLog(None), skip_bad=True)
+    assert [dataset[i]["id"] for i in range(5)] == ["i2", "t1", "t2", "i2", "i3"]
+    only_text_left = GuardedDataset(FakeBuilt(["i1", "t1", "i2"], bad={"i1", "i2"}, long=set(), images=images),
+                                    BadRecordLog(None), skip_bad=True)
+    assert only_text_left[2]["id"] == "t1" and only_text_left[0]["id"] == "t1"
 
 
 def test_data_check_command(tiny_assets, tmp_path, capsys):

@@ -8,9 +8,9 @@ import subprocess
 
 import pytest
 
-from tga.config import yaml_to_argv
 from tga.errors import ConfigError, DataError
 from tga.image_io import resolve_image_path
+from tga.options import yaml_to_argv
 from tga.train.checkpoint import read_projector_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

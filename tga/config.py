@@ -4,7 +4,9 @@ Typed configuration: `ModelArguments`, `DataArguments`, `TGAArguments` and `Trai
 
 A run is configured by a YAML file plus command-line flags, later ones winning: `pretrain.py CONFIG.yaml
 --learning_rate 2e-6`. Every YAML key is a flag of one of the dataclasses, and the flags of LLaVA's official scripts
-are accepted under their LLaVA names. Contradictions (a precision flag against the DeepSpeed config, an unsupported
+are accepted under their LLaVA names. Every option has a one-line `--help` and, where it takes one of a set, its
+choices (checked by the parser, for YAML values too). Unknown or abbreviated keys and flags, and a config's `base:`
+chain, are handled by tga.options. Contradictions (a precision flag against the DeepSpeed config, an unsupported
 LLaVA option) are `ConfigError`s raised before any model is built.
 """
 
@@ -15,76 +17,85 @@ import os
 from dataclasses import dataclass, field
 
 import transformers
-import yaml
-from transformers import HfArgumentParser
 
+from tga.data.templates import ALIASES, TEMPLATES
 from tga.errors import ConfigError
+from tga.model.sources import check_file, check_model_source
+from tga.model.vision import SELECT_STRATEGY
+from tga.model.vlm import is_vlm_checkpoint
+from tga.options import config_argv, parse_dataclasses
+
+
+def option(default, help: str, choices: list | None = None, **kwargs):
+    """A dataclass field with its one-line `--help` and, where it takes one of a set, the allowed values."""
+    metadata = {"help": help, **({"choices": choices} if choices else {})}
+    return field(default=default, metadata=metadata, **kwargs)
 
 
 @dataclass
 class ModelArguments:
     # fmt: off
-    model_name_or_path: str = "mistralai/Mistral-7B-Instruct-v0.2"  # the LLM, or a saved VLM folder to continue from
-    version: str = "llava_llama_2"                      # conversation template (LLaVA's --version; see tga.data.templates)
-    vision_tower: str = "openai/clip-vit-large-patch14-336"  # CLIP checkpoint (CLIPModel or CLIPVisionModel)
-    mm_projector_type: str = "mlp2x_gelu"               # linear | mlp{N}x_gelu | identity
-    mm_vision_select_layer: int = -2                    # vision hidden state fed to the projector
-    mm_vision_select_feature: str = "patch"             # patch (drop CLS) | cls_patch
-    pretrain_mm_mlp_adapter: str | None = None          # stage-1 projector (mm_projector.safetensors or LLaVA .bin)
-    tune_mm_mlp_adapter: bool = False                   # LLaVA flag: train only the projector (stage 1)
-    freeze_backbone: bool = False                       # LLaVA flag: keep the LLM frozen
-    freeze_mm_mlp_adapter: bool = False                 # LLaVA flag: keep the projector frozen
-    mm_use_im_start_end: bool = False                   # LLaVA flag; only False is supported (HF Llava layout)
-    mm_use_im_patch_token: bool = False                 # LLaVA flag; only False is supported
-    attn_implementation: str | None = None              # sdpa (default) | eager | flash_attention_2
+    model_name_or_path: str = option("mistralai/Mistral-7B-Instruct-v0.2", "The LLM (hub id or folder), or a saved VLM folder to continue from.")
+    version: str = option("llava_llama_2", "Conversation template (LLaVA's --version names accepted; see docs/training.md).", choices=sorted(TEMPLATES) + sorted(ALIASES))
+    vision_tower: str = option("openai/clip-vit-large-patch14-336", "CLIP checkpoint (CLIPModel or CLIPVisionModel; hub id or folder).")
+    mm_projector_type: str = option("mlp2x_gelu", "Projector: linear, identity or mlp{N}x_gelu (N linear layers with GELU between).")
+    mm_vision_select_layer: int = option(-2, "Vision tower hidden state fed to the projector (-2: the second to last).")
+    mm_vision_select_feature: str = option("patch", "patch: patch tokens only (drop CLS); cls_patch: CLS and patches.", choices=sorted(SELECT_STRATEGY))
+    pretrain_mm_mlp_adapter: str | None = option(None, "Stage-1 projector to start from (mm_projector.safetensors or LLaVA's .bin).")
+    tune_mm_mlp_adapter: bool = option(False, "LLaVA flag: train only the projector (stage 1).")
+    freeze_backbone: bool = option(False, "LLaVA flag: keep the LLM frozen.")
+    freeze_mm_mlp_adapter: bool = option(False, "LLaVA flag: keep the projector frozen.")
+    mm_use_im_start_end: bool = option(False, "LLaVA flag; only false is supported (HF Llava token layout).")
+    mm_use_im_patch_token: bool = option(False, "LLaVA flag; only false is supported (HF Llava token layout).")
+    attn_implementation: str | None = option(None, "Attention kernel of the LLM (default: sdpa).", choices=["sdpa", "eager", "flash_attention_2"])
     # LoRA on the LLM in stage 2 (LLaVA's flags; LLaVA keeps them in TrainingArguments, but `tga unlearn` parses
     # TrainingArguments next to its own lora_* options). docs/training.md#lora
-    lora_enable: bool = False                           # LoRA adapters on the LLM's linear layers instead of all LLM weights
-    lora_r: int = 64                                    # LoRA rank
-    lora_alpha: int = 16                                # LoRA scaling numerator (scaling = alpha / r)
-    lora_dropout: float = 0.05                          # dropout on the LoRA input
-    lora_bias: str = "none"                             # none | lora_only | all (peft's bias option)
-    lora_target: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # LLM linear layers to adapt
+    lora_enable: bool = option(False, "Train LoRA adapters on the LLM's linear layers instead of all LLM weights.")
+    lora_r: int = option(64, "LoRA rank (> 0).")
+    lora_alpha: int = option(16, "LoRA scaling numerator (scaling = alpha / r).")
+    lora_dropout: float = option(0.05, "Dropout on the LoRA input.")
+    lora_bias: str = option("none", "Which biases train with LoRA (peft's bias option).", choices=["none", "lora_only", "all"])
+    lora_target: str = option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "LLM linear layers to adapt, comma-separated.")
     # fmt: on
 
 
 @dataclass
 class DataArguments:
     # fmt: off
-    data_path: str | None = None                        # LLaVA JSON/JSONL file(s), comma-separated
-    image_folder: str | None = None                     # image paths in records are relative to this folder
-    image_aspect_ratio: str = "pad"                     # pad (to square, mean colour) | resize
-    use_retrieved_in_prompt: bool = False               # put "Retrieved Text: {R}. " into the first user turn
-    skip_bad_records: bool = False                      # skip and count invalid records instead of failing
-    data_cache_dir: str | None = None                   # Arrow record cache (default: HF_DATASETS_CACHE/tga_records)
-    preprocessing_num_workers: int | None = None        # processes validating records in the first Arrow conversion
-    lazy_preprocess: bool = True                        # LLaVA flag; preprocessing is always lazy here
-    is_multimodal: bool = True                          # LLaVA flag; accepted for compatibility
+    data_path: str | None = option(None, "LLaVA JSON/JSONL file(s), saved dataset folders or hub datasets, comma-separated (required).")
+    image_folder: str | None = option(None, "Folder the image paths of records are relative to.")
+    image_aspect_ratio: str = option("pad", "pad: pad to a square with the mean colour; resize: the processor's resize and crop.", choices=["pad", "resize"])
+    use_retrieved_in_prompt: bool = option(False, 'Put "Retrieved Text: {R}. " into the first user turn (TGA stage 2).')
+    skip_bad_records: bool = option(False, "Skip invalid records and list them in bad_records.json instead of failing.")
+    data_cache_dir: str | None = option(None, "Arrow record cache (default: HF_DATASETS_CACHE/tga_records).")
+    preprocessing_num_workers: int | None = option(None, "Processes validating records in the first Arrow conversion.")
+    lazy_preprocess: bool = option(True, "LLaVA flag; preprocessing is always lazy here.")
+    is_multimodal: bool = option(True, "LLaVA flag; accepted for compatibility.")
     # fmt: on
     # VLGuard-style safety data mixed into stage 2 (docs/training.md#safety-data-vlguard-style)
-    safety_data: str | None = field(default=None, metadata={"help": "Records of images with refusals (VLGuard-style, LLaVA JSON/JSONL), mixed into the training data."})
-    safety_ratio: float | None = field(default=None, metadata={"help": "Share of safety records among all records of an epoch, in (0, 1); default: every safety record once."})
+    safety_data: str | None = option(None, "Records of images with refusals (VLGuard-style, LLaVA JSON/JSONL), mixed into the training data.")
+    safety_ratio: float | None = option(None, "Share of safety records among all records of an epoch, in (0, 1); default: every safety record once.")
 
 
 @dataclass
 class TGAArguments:
     # fmt: off
-    tga: bool = False                                   # add the TGA guide loss to the next-token loss
-    tga_layers: str = "10-18"                           # hidden-state indices: "10-18" | "10,12,14" | "all" | "auto"
-    tga_activation_file: str | None = None              # activation analysis JSON used by tga_layers=auto
-    tga_form: str = "paper"                             # paper | released | contrastive
-    tga_weight: float = 1.0                             # lambda: L = L_CE + lambda * L_guide
-    tga_schedule: str = "none"                          # none | linear (lambda decays to 0) | released ((1-r) factors)
-    tga_target: str = "live"                            # live (training model, no grad) | frozen (model at stage start)
-    tga_temperature: float = 0.07                       # contrastive form temperature
-    tga_center: bool = False                            # subtract a running mean of caption states before cosines
-    tga_guide_toxic: bool = False                       # also align records marked toxic (default: they never enter the guide)
-    tga_caption_context: str = "alone"                  # alone (caption is the whole turn) | request (in the image's place)
-    tga_pair_weight: float | None = field(default=None, metadata={"help": "Weight of the image-caption term (default: the form's, 1 or 1/4 for released)."})
-    tga_hinge_weight: float | None = field(default=None, metadata={"help": "Weight of the retrieved-text hinge term (default: the form's, 1 or 1/10 for released)."})
-    tga_bank: str | None = field(default=None, metadata={"help": "Caption-state bank folder: caption states computed once (built if missing) where the target is fixed (stage 1, --tga_target frozen)."})
-    tga_bank_dtype: str = field(default="float16", metadata={"help": "Storage dtype of --tga_bank.", "choices": ["float16", "float32", "bfloat16"]})
-    tga_center_momentum: float = field(default=0.99, metadata={"help": "EMA momentum of the caption centre of --tga_center, in [0, 1)."})
+    tga: bool = option(False, "Add the TGA guide loss to the next-token loss.")
+    tga_layers: str = option("10-18", 'Hidden-state indices aligned: "10-18", "10,12,14", "all" or "auto" (needs --tga_activation_file).')
+    tga_activation_file: str | None = option(None, "Activation analysis JSON (tga analyze activation) used by --tga_layers auto.")
+    tga_form: str = option("paper", "Guide loss form: the paper's, the released code's, or contrastive.", choices=["paper", "released", "contrastive"])
+    tga_weight: float = option(1.0, "lambda in L = L_CE + lambda * L_guide.")
+    tga_schedule: str = option("none", "lambda schedule: constant, linear decay to 0, or the released form's (1-r) factors.", choices=["none", "linear", "released"])
+    tga_target: str = option("live", "Caption states from the training model (no grad) or a frozen copy made at the stage start.", choices=["live", "frozen"])
+    tga_temperature: float = option(0.07, "Temperature of the contrastive form.")
+    tga_center: bool = option(False, "Subtract a running mean of the caption states before the cosines.")
+    tga_guide_toxic: bool = option(False, "Also align records marked toxic (by default they never enter the guide loss).")
+    tga_caption_context: str = option("alone", "alone: the caption is the whole user turn; request: it takes the image's place in the request.", choices=["alone", "request"])
+    tga_pair_weight: float | None = option(None, "Weight of the image-caption term (default: the form's, 1 or 1/4 for released).")
+    tga_hinge_weight: float | None = option(None, "Weight of the retrieved-text hinge term (default: the form's, 1 or 1/10 for released).")
+    tga_bank: str | None = option(None, "Caption-state bank folder: caption states computed once (built if missing) where the target is fixed (stage 1, --tga_target frozen).")
+    tga_bank_dtype: str = option("float16", "Storage dtype of --tga_bank.", choices=["float16", "float32", "bfloat16"])
+    tga_center_momentum: float = option(0.99, "EMA momentum of the caption centre of --tga_center, in [0, 1).")
     # fmt: on
 
 
@@ -114,41 +125,6 @@ class TrainingArguments(transformers.TrainingArguments):
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TGAArguments, TrainingArguments)
 
 
-def yaml_to_argv(path: str) -> list[str]:
-    """A YAML config as command-line flags (so that later flags override it)."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
-    with open(path, encoding="utf-8") as handle:
-        try:
-            values = yaml.safe_load(handle) or {}
-        except yaml.YAMLError as error:  # includes python/object tags, which the safe loader refuses
-            raise ConfigError(f"{path}: not a valid YAML config ({error})") from error
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: a config must be a mapping of option: value")
-    argv = []
-    for key, value in values.items():
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            value = str(value).lower()
-        elif isinstance(value, (list, tuple)):
-            value = ",".join(str(item) for item in value)
-        elif isinstance(value, dict):
-            value = json.dumps(value)
-        argv += [f"--{key}", str(value)]
-    return argv
-
-
-def config_argv(argv: list[str]) -> list[str]:
-    """Expand the positional YAML path (anywhere: launchers prepend `--local_rank=N`) into flags that the other
-    flags override."""
-    for index, token in enumerate(argv):
-        is_flag_value = index > 0 and argv[index - 1].startswith("--") and "=" not in argv[index - 1]
-        if token.endswith((".yaml", ".yml")) and not token.startswith("--") and not is_flag_value:
-            return yaml_to_argv(token) + argv[:index] + argv[index + 1 :]
-    return list(argv)
-
-
 def flag_value(argv: list[str], name: str) -> str | None:
     """The last value given for `--name` in an argv list (`--name value` or `--name=value`)."""
     value = None
@@ -168,14 +144,10 @@ def is_true(value: str | None) -> bool:
 
 def parse_config(argv: list[str]) -> tuple[ModelArguments, DataArguments, TGAArguments, TrainingArguments]:
     """Parse YAML + flags into the four argument dataclasses and check them."""
-    argv = config_argv(argv)
     # Checked on the raw flags, before TrainingArguments (which already initialises devices and DeepSpeed state).
-    check_precision(is_true(flag_value(argv, "bf16")), is_true(flag_value(argv, "fp16")), flag_value(argv, "deepspeed"))
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
-    try:
-        model_args, data_args, tga_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    except SystemExit as error:
-        raise ConfigError(f"invalid command line: {' '.join(argv)}") from error
+    flags = config_argv(argv)
+    check_precision(is_true(flag_value(flags, "bf16")), is_true(flag_value(flags, "fp16")), flag_value(flags, "deepspeed"))
+    model_args, data_args, tga_args, training_args = parse_dataclasses(ARGUMENT_CLASSES, argv)
     check_config(model_args, data_args, tga_args, training_args)
     return model_args, data_args, tga_args, training_args
 
@@ -218,26 +190,25 @@ def check_config(model_args, data_args, tga_args, training_args) -> None:
         raise ConfigError("--safety_ratio needs --safety_data (the safety records it mixes in)")
     if data_args.safety_ratio is not None and not 0.0 < data_args.safety_ratio < 1.0:
         raise ConfigError(f"--safety_ratio must lie strictly between 0 and 1, got {data_args.safety_ratio}")
-    if data_args.image_aspect_ratio not in ("pad", "resize"):
-        raise ConfigError(f"--image_aspect_ratio `{data_args.image_aspect_ratio}` must be pad or resize")
-    if tga_args.tga_form not in ("paper", "released", "contrastive"):
-        raise ConfigError(f"--tga_form `{tga_args.tga_form}` must be paper, released or contrastive")
-    if tga_args.tga_schedule not in ("none", "linear", "released"):
-        raise ConfigError(f"--tga_schedule `{tga_args.tga_schedule}` must be none, linear or released")
+    # Values of a set (--tga_form, --image_aspect_ratio, ...) are the fields' choices, checked by the parser.
     if tga_args.tga_schedule == "released" and tga_args.tga_form != "released":
         raise ConfigError("--tga_schedule released applies the released form's (1-r) factors; use --tga_form released")
-    if tga_args.tga_target not in ("live", "frozen"):
-        raise ConfigError(f"--tga_target `{tga_args.tga_target}` must be live or frozen")
-    if tga_args.tga_caption_context not in ("alone", "request"):
-        raise ConfigError(f"--tga_caption_context `{tga_args.tga_caption_context}` must be alone or request")
     if model_args.lora_enable:
         if model_args.lora_r <= 0:
             raise ConfigError(f"--lora_r must be > 0, got {model_args.lora_r}")
-        if model_args.lora_bias not in ("none", "lora_only", "all"):
-            raise ConfigError(f"--lora_bias `{model_args.lora_bias}` must be none, lora_only or all")
         if model_args.tune_mm_mlp_adapter or model_args.freeze_backbone:
             raise ConfigError("--lora_enable trains the LLM through adapters; it contradicts --tune_mm_mlp_adapter / "
                               "--freeze_backbone (LLM frozen)")
+
+
+def check_sources(model_args, tga_args) -> None:
+    """Every model, vision-tower and file path of the run exists (or is a loadable hub id), before anything is built."""
+    check_model_source("model_name_or_path", model_args.model_name_or_path)
+    if not is_vlm_checkpoint(model_args.model_name_or_path):  # a saved VLM brings its own vision tower
+        check_model_source("vision_tower", model_args.vision_tower)
+    check_file("pretrain_mm_mlp_adapter", model_args.pretrain_mm_mlp_adapter)
+    if tga_args.tga and tga_args.tga_layers == "auto":
+        check_file("tga_activation_file", tga_args.tga_activation_file)
 
 
 def zero_stage(training_args: TrainingArguments) -> int | None:

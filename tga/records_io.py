@@ -33,7 +33,8 @@ def load_records(path: str) -> list[dict[str, Any]]:
     if not os.path.isfile(path):
         raise DataError(f"records file not found: {path}")
     try:
-        with open(path, encoding="utf-8") as handle:
+        # utf-8-sig: a byte-order mark (common from Windows tools) is read as the start of the file, not as text.
+        with open(path, encoding="utf-8-sig") as handle:
             text = handle.read()
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: not UTF-8 text (invalid byte at offset {error.start}); re-encode the file") from error

@@ -7,10 +7,10 @@ The `tga` command. Each subcommand lives in its own module of this package and e
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 
+from tga.cli.switches import ExactParser
 from tga.errors import TGAError
 
 # Subcommand modules, in the order `tga --help` shows them. Imported lazily so that `tga --help` stays fast.
@@ -30,8 +30,8 @@ SUBCOMMANDS = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tga", description="Text-Guided vision-language Alignment toolkit.")
+def build_parser() -> ExactParser:
+    parser = ExactParser(prog="tga", description="Text-Guided vision-language Alignment toolkit.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module_name in SUBCOMMANDS:
         importlib.import_module(module_name).register(subparsers)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from tga.cli.switches import add_switch
+
 
 def register(subparsers) -> None:
     """Add the `caption` subcommand."""
@@ -22,17 +24,17 @@ def register(subparsers) -> None:
     parser.add_argument("--image_folder", required=True, help="folder the records' image paths are relative to")
     parser.add_argument("--out", required=True, help="output records file (.json or .jsonl)")
     parser.add_argument("--prompt", default=None, help="chat models: instruction; others: caption prefix")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--max_new_tokens", type=int, default=40)
-    parser.add_argument("--overwrite", action="store_true", help="recaption records that already have a caption")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch_size", type=int, default=8, help="images per generation batch")
+    parser.add_argument("--max_new_tokens", type=int, default=40, help="longest caption, in tokens")
+    add_switch(parser, "--overwrite", help="recaption records that already have a caption")
+    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     parser.add_argument(
         "--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="model dtype (default: as saved)"
     )
     parser.add_argument("--num_workers", type=int, default=4, help="image-decoding threads")
-    parser.add_argument("--skip_bad_records", action="store_true", help="skip and report unreadable images")
+    add_switch(parser, "--skip_bad_records", help="skip and report unreadable images")
     parser.add_argument("--max_batches", type=int, default=None, help="stop after N batches (rerun to resume)")
-    parser.add_argument("--trust_remote_code", action="store_true", help="run the model repository's own code")
+    add_switch(parser, "--trust_remote_code", help="run the model repository's own code")
     parser.set_defaults(func=run)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+from tga.cli.switches import add_switch
 from tga.tiny import make_tiny_assets
 
 
@@ -31,8 +32,10 @@ def text_builder(args):
         return None
     from tga.data.dataset import SampleBuilder
     from tga.data.templates import get_template
+    from tga.model.sources import check_model_source
     from tga.model.tokenizer import image_token_id, load_tokenizer
 
+    check_model_source("tokenizer", args.tokenizer)
     tokenizer = load_tokenizer(args.tokenizer, model_max_length=args.model_max_length)
     return SampleBuilder(tokenizer=tokenizer, template=get_template(args.template), image_processor=None,
                          image_folder=args.image_folder, image_token_id=image_token_id(tokenizer),
@@ -44,19 +47,19 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("data", help="data utilities")
     commands = parser.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     tiny = commands.add_parser("make-tiny", help="write the tiny CPU recipe's models and data")
-    tiny.add_argument("out_dir", nargs="?", default="runs/tiny/assets")
-    tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--num_images", type=int, default=48)
+    tiny.add_argument("out_dir", nargs="?", default="runs/tiny/assets", help="folder to write (default: runs/tiny/assets)")
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random models and the data")
+    tiny.add_argument("--num_images", type=int, default=48, help="images (and stage-1 records) to generate")
     tiny.set_defaults(func=make_tiny)
     checker = commands.add_parser("check", help="check every record and image of a data file (exit 1 if any is bad)")
     checker.add_argument("data_path", help="LLaVA JSON/JSONL file(s), comma-separated")
-    checker.add_argument("--image_folder", default=None)
+    checker.add_argument("--image_folder", default=None, help="folder the records' image paths are relative to")
     checker.add_argument("--tokenizer", default=None, help="LLM folder: also check token lengths")
-    checker.add_argument("--model_max_length", type=int, default=2048)
+    checker.add_argument("--model_max_length", type=int, default=2048, help="training sequence length the token check uses")
     checker.add_argument("--template", default="llava_llama_2", help="conversation template (--version)")
     checker.add_argument("--num_image_tokens", type=int, default=576, help="tokens per image (576: CLIP-L/14 336px)")
-    checker.add_argument("--use_retrieved_in_prompt", action="store_true", help="render R into the prompt (stage 2)")
-    checker.add_argument("--tga", action="store_true", help="also check the caption-only pass")
-    checker.add_argument("--no_decode", action="store_true", help="only check that images exist")
-    checker.add_argument("--json", action="store_true", help="print the full report as JSON")
+    add_switch(checker, "--use_retrieved_in_prompt", help="render R into the prompt (stage 2)")
+    add_switch(checker, "--tga", help="also check the caption-only pass")
+    add_switch(checker, "--no_decode", help="only check that images exist")
+    add_switch(checker, "--json", help="print the full report as JSON")
     checker.set_defaults(func=check)

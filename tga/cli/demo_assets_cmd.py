@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from tga.cli.switches import add_switch
+
 
 def run(args: argparse.Namespace) -> int:
     from tga.demo import build_assets
@@ -56,6 +58,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--world", type=int, choices=[1, 2], default=1,
                         help="1: the make-demo world; 2: world 2's text world and text LLM (docs/demo_world.md)")
     parser.add_argument("--workers", type=int, default=2, help="processes that render images")
-    parser.add_argument("--train_models", action="store_true",
-                        help="train the CLIP and the LLM even when the shipped ones (tga/demo/prebuilt) match the spec")
+    add_switch(parser, "--train_models",
+               help="train the CLIP and the LLM even when the shipped ones (tga/demo/prebuilt) match the spec")
     parser.set_defaults(func=run)

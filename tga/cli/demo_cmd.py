@@ -12,6 +12,8 @@ import argparse
 import dataclasses
 import os
 
+from tga.cli.switches import add_switch
+
 # package data (setup.py), so an installed `tga demo` finds it from any folder
 DEFAULT_PLAN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo", "configs", "demo.yaml")
 
@@ -68,11 +70,10 @@ def _common(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument("--jobs", type=_positive, default=1,
                         help="phases run side by side, each in its own processes with cores/jobs threads; their "
                              "output goes to the phase folder's log.txt (default 1: in this process)")
-    parser.add_argument("--train_models", action="store_true",
-                        help="train the world's CLIP and text LLM even when the shipped ones match (~12 min)")
-    parser.add_argument("--dry_run", action="store_true",
-                        help="print the plan, its recipe files, the shipped models used and every phase's commands; "
-                             "run nothing")
+    add_switch(parser, "--train_models",
+               help="train the world's CLIP and text LLM even when the shipped ones match (~12 min)")
+    add_switch(parser, "--dry_run",
+               help="print the plan, its recipe files, the shipped models used and every phase's commands; run nothing")
     parser.set_defaults(func=run)
 
 

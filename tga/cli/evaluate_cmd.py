@@ -12,6 +12,7 @@ import argparse
 import os
 from typing import Any
 
+from tga.cli.switches import add_switch
 from tga.defense.dispatch import add_defense_args, check_flags
 from tga.safety.scenes import DEFAULT_PROMPTS
 
@@ -109,7 +110,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="model dtype (default: float32)"
     )
-    parser.add_argument("--overwrite", action="store_true", help="discard earlier answers in --out")
+    add_switch(parser, "--overwrite", help="discard earlier answers in --out")
     parser.add_argument(
         "--template", default=None, help="conversation template instead of the model's own (e.g. a stage-1 model)"
     )

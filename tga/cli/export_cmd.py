@@ -27,7 +27,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("export", help="write an HF-native model folder (transformers, vLLM, lmms-eval)")
     parser.add_argument("source", help="stage-2 output folder, or a DeepSpeed checkpoint-N folder")
     parser.add_argument("out", help="output folder")
-    parser.add_argument("--format", choices=FORMATS, default="hf-llava", help="output format (HF Llava)")
+    parser.add_argument("--format", choices=FORMATS, default="hf-llava", help="layout of the exported folder")
     parser.add_argument("--layout", choices=LAYOUTS, default="transformers5",
                         help="key names, config fields and tokenizer files for transformers 5 (default) or 4.x")
     parser.set_defaults(func=run_export)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from tga.cli.switches import add_switch
+
 
 def register(subparsers) -> None:
     """Add the `retrieve` subcommand."""
@@ -21,7 +23,7 @@ def register(subparsers) -> None:
     parser.add_argument("--image_folder", required=True, help="folder the records' image paths are relative to")
     parser.add_argument("--corpus", required=True, help="caption corpus: .txt (one per line), .jsonl or .json")
     parser.add_argument("--out", required=True, help="output records file (.json or .jsonl)")
-    parser.add_argument("--backend", choices=["open_clip", "hf_clip"], default="open_clip")
+    parser.add_argument("--backend", choices=["open_clip", "hf_clip"], default="open_clip", help="CLIP implementation")
     parser.add_argument("--model", default="ViT-L-14", help="open_clip name or local-dir:PATH; HF CLIPModel folder")
     parser.add_argument("--pretrained", default="openai", help="open_clip pretrained tag or checkpoint file")
     parser.add_argument("--model_config", default=None, help="open_clip JSON config registering a custom --model")
@@ -31,13 +33,13 @@ def register(subparsers) -> None:
         "--nprobe", type=int, default=None, help="IVF cells searched per query (default min(nlist, 32))"
     )
     parser.add_argument("--index_path", default=None, help="folder caching corpus embeddings and index")
-    parser.add_argument("--top_k", type=int, default=5)
+    parser.add_argument("--top_k", type=int, default=5, help="corpus texts kept per record (retrieved_topk)")
     parser.add_argument("--batch_size", type=int, default=64, help="images per batch")
     parser.add_argument("--text_batch_size", type=int, default=256, help="corpus texts per embedding call")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="model dtype")
     parser.add_argument("--num_workers", type=int, default=4, help="image-decoding threads")
-    parser.add_argument("--skip_bad_records", action="store_true", help="skip and report unreadable images")
+    add_switch(parser, "--skip_bad_records", help="skip and report unreadable images")
     parser.add_argument("--max_batches", type=int, default=None, help="stop after N batches (rerun to resume)")
     parser.set_defaults(func=run)
 

@@ -11,6 +11,7 @@ Python list of all records stays in memory; `ArrowSupervisedDataset` is the lazy
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 
 import datasets
+import pyarrow as pa
 from datasets import Dataset, DatasetDict, Features, List, Value
 
 from tga.data.dataset import LazySupervisedDataset, SampleBuilder, modality_length
@@ -28,7 +30,7 @@ from tga.errors import DataError
 from tga.image_io import resolve_image_path
 from tga.records_io import load_records as read_json_records
 
-FORMAT_VERSION = 1  # bump when parse_record or the stored columns change: old caches are then ignored
+FORMAT_VERSION = 2  # bump when parse_record or the stored columns change: old caches are then ignored
 RAW_COLUMN = "raw"  # JSON text of one source record (files are stored raw first, so Arrow infers no schema)
 FEATURES = Features({
     "id": Value("string"),
@@ -39,7 +41,9 @@ FEATURES = Features({
     "retrieved": Value("string"),
     "toxic": Value("bool"),
     "system": Value("string"),
-    "length": Value("int64"),  # the modality-length sampler's proxy (tga.data.dataset.modality_length)
+    # The modality-length sampler's proxy (tga.data.dataset.modality_length); null for an invalid record, which is
+    # never a training record and so has no length (a 0 here once reached the sampler of a --skip_bad_records run).
+    "length": Value("int64"),
     "error": Value("string"),  # the DataError of an invalid record (kept, so the cache serves --skip_bad_records too)
 })
 
@@ -59,6 +63,8 @@ def _raw_json_rows(path: str, signature: str) -> Iterator[dict]:
         offset = 0
         with open(path, "rb") as handle:
             for number, data in enumerate(handle, start=1):
+                if number == 1 and data.startswith(codecs.BOM_UTF8):  # a Windows byte-order mark, not record text
+                    offset, data = len(codecs.BOM_UTF8), data[len(codecs.BOM_UTF8):]
                 try:
                     line = data.decode("utf-8")
                 except UnicodeDecodeError as error:  # the in-memory reader's message
@@ -106,7 +112,7 @@ def normalise_batch(batch: dict, indices: list[int], source: str) -> dict:
             for name in ("image", "caption", "retrieved", "system"):
                 out[name].append(None)
             out["toxic"].append(False)
-            out["length"].append(0)
+            out["length"].append(None)
             out["error"].append(str(error))
             continue
         out["error"].append(None)
@@ -208,12 +214,16 @@ class ArrowRecords(Sequence[Record]):
         table: the stored rows (only valid ones).
         sources: the `--data_path` parts, in order.
         rejected: bad records left out with `skip_bad`, as `{"id", "source", "stage": "load", "error"}`.
+        lengths: the length column of exactly the rows of `table` (default: the table's own column, right when no
+            row was left out).
     """
 
-    def __init__(self, table: Dataset, sources: list[str], rejected: list[dict] | None = None):
+    def __init__(self, table: Dataset, sources: list[str], rejected: list[dict] | None = None,
+                 lengths: pa.ChunkedArray | None = None):
         self.table = table
         self.sources = sources
         self.rejected = rejected or []
+        self.lengths = lengths
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -227,8 +237,12 @@ class ArrowRecords(Sequence[Record]):
 
     @property
     def modality_lengths(self) -> list[int]:
-        """The stored length column (computed once, during the conversion)."""
-        return self.table.data.column("length").to_pylist()
+        """The stored length column (computed once, during the conversion), one entry per kept record.
+
+        `table.data` is the whole stored table: rows left out by `skip_bad` are hidden only by the dataset's index
+        mapping, so the kept rows' lengths are the ones `open_records` selected with them."""
+        lengths = self.lengths if self.lengths is not None else self.table.data.column("length")
+        return lengths.to_pylist()
 
 
 def _files_in(folder: str, relative: str, listings: dict[str, set[str]]) -> set[str]:
@@ -271,8 +285,8 @@ def _image_errors(table: Dataset, image_folder: str | None) -> Iterator[tuple[in
 
 
 def _checked(table: Dataset, part: str, image_folder: str | None, check_images: bool, skip_bad: bool,
-             rejected: list[dict]) -> Dataset:
-    """The valid rows of one part; without `skip_bad` the first bad record raises its DataError."""
+             rejected: list[dict]) -> tuple[Dataset, pa.ChunkedArray]:
+    """The valid rows of one part and their lengths; without `skip_bad` the first bad record raises its DataError."""
     errors = table.data.column("error")
     bad = {}
     if errors.null_count < len(errors):
@@ -282,13 +296,15 @@ def _checked(table: Dataset, part: str, image_folder: str | None, check_images: 
             bad.setdefault(row, message)
             if not skip_bad:
                 break
+    lengths = table.data.column("length")  # a freshly opened part: no index mapping, the stored rows in order
     if not bad:
-        return table
+        return table, lengths
     if not skip_bad:
         raise DataError(bad[min(bad)])
     ids = table.select(sorted(bad))["id"]
     rejected += [{"id": ids[i], "source": part, "stage": "load", "error": bad[row]} for i, row in enumerate(sorted(bad))]
-    return table.select([row for row in range(table.num_rows) if row not in bad])
+    kept = [row not in bad for row in range(table.num_rows)]
+    return table.select([row for row, keep in enumerate(kept) if keep]), lengths.filter(pa.array(kept))
 
 
 def open_records(data_path: str, *, cache_dir: str | None = None, num_proc: int | None = None,
@@ -309,10 +325,13 @@ def open_records(data_path: str, *, cache_dir: str | None = None, num_proc: int 
     parts = list(iter_data_paths(data_path))
     cache_dir = cache_dir or default_cache_dir()
     rejected: list[dict] = []
-    tables = [_checked(datasets.load_from_disk(convert(part, cache_dir, num_proc)), part, image_folder, check_images,
-                       skip_bad, rejected) for part in parts]
+    checked = [_checked(datasets.load_from_disk(convert(part, cache_dir, num_proc)), part, image_folder, check_images,
+                        skip_bad, rejected) for part in parts]
+    tables = [table for table, _ in checked]
     table = tables[0] if len(tables) == 1 else datasets.concatenate_datasets(tables)
-    return ArrowRecords(table, parts, rejected)
+    # Memory-mapped chunks when nothing was left out; the kept rows' lengths otherwise.
+    lengths = pa.chunked_array([chunk for _, part_lengths in checked for chunk in part_lengths.chunks], pa.int64())
+    return ArrowRecords(table, parts, rejected, lengths)
 
 
 class ArrowSupervisedDataset(LazySupervisedDataset):

@@ -154,6 +154,8 @@ class LazySupervisedDataset(Dataset):
 
 
 def modality_length(record: Record) -> int:
-    """The sampler's length proxy of one record: words (+ an image estimate), negative for text-only records."""
+    """The sampler's length proxy of one record: words (+ an image estimate), negative for text-only records.
+
+    Never 0, whose sign would say neither modality: a text-only record of empty turns still counts one word."""
     words = sum(len(message.content.split()) for message in record.messages)
-    return words + IMAGE_TOKEN_LENGTH_ESTIMATE if record.image else -words
+    return words + IMAGE_TOKEN_LENGTH_ESTIMATE if record.image else -max(words, 1)

@@ -6,7 +6,8 @@ At start every record is parsed and validated and its image path is resolved ins
 exist (a stat, no decoding). Without `--skip_bad_records` the first bad record stops the run before any step with a
 `DataError` naming it; with it, bad records are left out and counted. At access time `GuardedDataset` counts samples
 truncated to `model_max_length` (text only) and, when skipping, replaces a record whose image fails to decode by the
-next record that builds, which keeps the data order deterministic and identical on resume. Each process appends what
+next record of the same modality that builds (so the batches of `--group_by_modality_length` stay single-modality;
+any next record when none of that modality is left), which keeps the data order deterministic and identical on resume. Each process appends what
 it saw to `OUTPUT_DIR/bad_records.parts/` (dataloader workers and ranks are separate processes); rank 0 merges the
 parts and the start-up rejects into `OUTPUT_DIR/bad_records.json` at the end of training.
 """
@@ -150,11 +151,17 @@ class GuardedDataset(Dataset):
     def modality_lengths(self) -> list[int]:
         return self.dataset.modality_lengths
 
+    def has_image(self, index: int) -> bool:
+        return self.dataset.records[index].image is not None
+
     def __getitem__(self, index: int) -> dict:
         size = len(self.dataset)
-        for offset in range(size if self.skip_bad else 1):
+        modality = None  # a replacement has the failed record's modality (first pass), else any (second pass)
+        for offset in range(size * 2 if self.skip_bad else 1):
             candidate = (index + offset) % size
-            if candidate in self.bad_indices:
+            if offset and modality is None:
+                modality = self.has_image(index)
+            if candidate in self.bad_indices or (0 < offset < size and self.has_image(candidate) != modality):
                 continue
             try:
                 sample = self.dataset[candidate]

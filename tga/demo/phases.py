@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from tga.errors import TGAError
+from tga.options import config_chain
 
 PHASE_FILE = "phase.json"
 Runner = Callable[[list[str]], int]  # runs one `tga` argv, returns its exit status
@@ -55,9 +56,10 @@ def shell_line(argv: Sequence[str]) -> str:
 
 
 def recipe_files(phase: Phase) -> dict[str, str]:
-    """{path: sha256 of its text} of the recipe YAMLs the phase's commands read: an edited recipe changes the key."""
-    paths = sorted({token for argv in phase.commands for token in argv
-                    if token.endswith((".yaml", ".yml")) and os.path.isfile(token)})
+    """{path: sha256 of its text} of the recipe YAMLs the phase's commands read (with their `base:` chains): an edited
+    recipe changes the key."""
+    paths = sorted({path for argv in phase.commands for token in argv
+                    if token.endswith((".yaml", ".yml")) and os.path.isfile(token) for path in config_chain(token)})
     digests = {}
     for path in paths:
         with open(path, "rb") as handle:

@@ -37,7 +37,7 @@ def load_corpus(path: str) -> tuple[list[str], int]:
     """
     if not os.path.isfile(path):
         raise DataError(f"corpus file not found: {path}")
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:  # a Windows byte-order mark is not corpus text
         content = handle.read()
     if path.endswith(".jsonl"):
         raw = []

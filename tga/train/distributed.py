@@ -20,6 +20,7 @@ import time
 import torch
 
 from tga.config import flag_value
+from tga.options import config_argv
 
 
 def free_port() -> int:
@@ -29,9 +30,10 @@ def free_port() -> int:
 
 
 def prepare_process(argv: list[str]) -> list[str]:
-    """Set up the process for the run described by `argv` (YAML already expanded); returns argv to parse."""
-    uses_deepspeed = bool(flag_value(argv, "deepspeed"))  # `--deepspeed ""` turns a YAML's DeepSpeed off
-    if not torch.cuda.is_available() and flag_value(argv, "dataloader_pin_memory") is None:
+    """Set up the process for the run described by `argv` (a YAML path and flags); returns argv to parse."""
+    expanded = config_argv(argv)
+    uses_deepspeed = bool(flag_value(expanded, "deepspeed"))  # `--deepspeed ""` turns a YAML's DeepSpeed off
+    if not torch.cuda.is_available() and flag_value(expanded, "dataloader_pin_memory") is None:
         # pinned memory only speeds copies to an accelerator; without one torch warns on every data loader
         argv = [*argv, "--dataloader_pin_memory", "false"]
     if uses_deepspeed and "RANK" not in os.environ:

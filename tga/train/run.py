@@ -18,7 +18,7 @@ from transformers import set_seed
 
 from tga.align import load_activation_layer, parse_layer_spec
 from tga.align.bank import caption_rows
-from tga.config import config_argv, parse_config, zero_stage
+from tga.config import check_sources, parse_config, zero_stage
 from tga.data.arrow_records import ArrowSupervisedDataset, open_records
 from tga.data.collator import VLMCollator
 from tga.data.dataset import SampleBuilder
@@ -31,6 +31,7 @@ from tga.model.lora import add_lora, save_lora_model_folder
 from tga.model.tokenizer import image_token_id, load_tokenizer
 from tga.model.vision import load_image_processor
 from tga.model.vlm import build_vlm, is_vlm_checkpoint, load_vlm
+from tga.options import config_argv
 from tga.train.checkpoint import load_projector, save_model_folder, save_projector
 from tga.train.cost import CostCallback
 from tga.train.distributed import is_main_process, prepare_process
@@ -128,8 +129,10 @@ def write_resolved_config(output_dir: str, stage: str, argv: list[str], *arg_obj
 
 def run_stage(stage: str, argv: list[str]) -> str:
     """Train one stage; returns the output folder."""
-    argv = prepare_process(config_argv(argv))
+    argv = prepare_process(argv)
     model_args, data_args, tga_args, training_args = parse_config(argv)
+    check_sources(model_args, tga_args)
+    argv = config_argv(argv)  # recorded in tga_config.json as the flags that ran, not a path to a file that may change
     components = trainable_components(stage, tune_mm_mlp_adapter=model_args.tune_mm_mlp_adapter,
                                       freeze_backbone=model_args.freeze_backbone,
                                       freeze_mm_mlp_adapter=model_args.freeze_mm_mlp_adapter)

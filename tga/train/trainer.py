@@ -85,8 +85,11 @@ class TGATrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if not self.args.group_by_modality_length:
             return super()._get_train_sampler(train_dataset)
+        lengths = dataset.modality_lengths
+        if len(lengths) != len(dataset):  # a length per record, or batches would index records that are not there
+            raise ValueError(f"{len(lengths)} modality lengths for {len(dataset)} records")
         return ModalityLengthGroupedSampler(
-            dataset.modality_lengths, batch_size=self.args.train_batch_size * self.args.gradient_accumulation_steps,
+            lengths, batch_size=self.args.train_batch_size * self.args.gradient_accumulation_steps,
             world_size=self.args.world_size, seed=self.args.seed,
         )
 

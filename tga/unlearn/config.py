@@ -10,10 +10,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from transformers import HfArgumentParser
-
-from tga.config import TrainingArguments, check_precision, config_argv, flag_value, is_true, zero_stage
+from tga.config import TrainingArguments, check_precision, flag_value, is_true, option, zero_stage
 from tga.errors import ConfigError
+from tga.options import config_argv, parse_dataclasses
 
 # Yao et al.'s defaults, overridable; saving only at the end, the folder is a full model.
 DEFAULT_FLAGS = [
@@ -28,22 +27,22 @@ DEFAULT_FLAGS = [
 @dataclass
 class UnlearnArguments:
     # fmt: off
-    model: str | None = None                            # saved VLM folder (the model to unlearn)
-    harmful: str | None = None                          # harmful pairs: PKU-SafeRLHF, prompt/response, or LLaVA JSON
-    normal: str | None = None                           # normal pairs: prompt/response or TruthfulQA (JSON/JSONL/CSV)
-    refusal: str | None = None                          # refusals for the mismatch term (default: normal responses)
-    image_folder: str | None = None                     # images of LLaVA harmful records (multimodal unlearning)
-    image_aspect_ratio: str = "pad"                     # pad | resize, as in training
-    w_fgt: float = 0.5                                  # weight of L_forget (gradient ascent on harmful responses)
-    w_rdn: float = 1.0                                  # weight of L_mismatch (random benign / refusal responses)
-    w_nor: float = 1.0                                  # weight of L_keep (KL to the frozen model on normal data)
-    forget_ceiling: float = 100.0                       # stop once the harmful-response NLL exceeds this (<=0: never)
-    reference: str = "auto"                             # auto | copy (second model) | adapter (LoRA disabled)
-    lora_enable: bool = False                           # train LoRA adapters on the LLM instead of all its weights
-    lora_r: int = 8                                     # LoRA rank
-    lora_alpha: int = 16                                # LoRA scaling numerator
-    lora_dropout: float = 0.05                          # LoRA dropout
-    lora_target_modules: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # LLM linear layers
+    model: str | None = option(None, "Saved VLM folder: the model to unlearn (required).")
+    harmful: str | None = option(None, "Harmful pairs: PKU-SafeRLHF, prompt/response JSON/JSONL, or LLaVA records (required).")
+    normal: str | None = option(None, "Normal pairs: prompt/response or TruthfulQA, JSON/JSONL/CSV (required).")
+    refusal: str | None = option(None, "Refusals for the mismatch term (default: the normal responses).")
+    image_folder: str | None = option(None, "Images of LLaVA harmful records (multimodal unlearning).")
+    image_aspect_ratio: str = option("pad", "pad: pad to a square with the mean colour; resize: the processor's resize and crop.", choices=["pad", "resize"])
+    w_fgt: float = option(0.5, "Weight of L_forget (gradient ascent on harmful responses), >= 0.")
+    w_rdn: float = option(1.0, "Weight of L_mismatch (random benign or refusal responses), >= 0.")
+    w_nor: float = option(1.0, "Weight of L_keep (KL to the frozen model on normal data), >= 0.")
+    forget_ceiling: float = option(100.0, "Stop once the harmful-response NLL exceeds this (<= 0: never).")
+    reference: str = option("auto", "Frozen reference: auto (adapter under LoRA, else copy), a second model, or the LoRA-disabled base.", choices=["auto", "copy", "adapter"])
+    lora_enable: bool = option(False, "Train LoRA adapters on the LLM instead of all its weights.")
+    lora_r: int = option(8, "LoRA rank.")
+    lora_alpha: int = option(16, "LoRA scaling numerator (scaling = alpha / r).")
+    lora_dropout: float = option(0.05, "Dropout on the LoRA input.")
+    lora_target_modules: str = option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "LLM linear layers to adapt, comma-separated.")
     # fmt: on
 
     def reference_kind(self) -> str:
@@ -60,13 +59,9 @@ def parse_unlearn_config(argv: list[str]) -> tuple[UnlearnArguments, TrainingArg
     Returns:
         The unlearning options and the training arguments.
     """
-    argv = DEFAULT_FLAGS + config_argv(argv)
-    check_precision(is_true(flag_value(argv, "bf16")), is_true(flag_value(argv, "fp16")), flag_value(argv, "deepspeed"))
-    parser = HfArgumentParser((UnlearnArguments, TrainingArguments))
-    try:
-        unlearn_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    except SystemExit as error:
-        raise ConfigError(f"invalid command line: {' '.join(argv)}") from error
+    flags = DEFAULT_FLAGS + config_argv(argv)
+    check_precision(is_true(flag_value(flags, "bf16")), is_true(flag_value(flags, "fp16")), flag_value(flags, "deepspeed"))
+    unlearn_args, training_args = parse_dataclasses((UnlearnArguments, TrainingArguments), argv, DEFAULT_FLAGS)
     check_unlearn_args(unlearn_args, training_args)
     return unlearn_args, training_args
 
@@ -79,12 +74,8 @@ def check_unlearn_args(args: UnlearnArguments, training_args: TrainingArguments)
         path = getattr(args, name)
         if path is not None and not os.path.isfile(path):
             raise ConfigError(f"--{name}: file not found: {path}")
-    if args.reference not in ("auto", "copy", "adapter"):
-        raise ConfigError(f"--reference `{args.reference}` must be auto, copy or adapter")
     if args.reference_kind() == "adapter" and not args.lora_enable:
         raise ConfigError("--reference adapter needs --lora_enable true (the reference is the adapter-disabled base)")
-    if args.image_aspect_ratio not in ("pad", "resize"):
-        raise ConfigError(f"--image_aspect_ratio `{args.image_aspect_ratio}` must be pad or resize")
     for name in ("w_fgt", "w_rdn", "w_nor"):
         if getattr(args, name) < 0:
             raise ConfigError(f"--{name} must be >= 0")

@@ -43,7 +43,7 @@ def _read_rows(path: str) -> list[dict]:
     if not os.path.isfile(path):
         raise DataError(f"data file not found: {path}")
     if path.endswith(".csv"):
-        with open(path, encoding="utf-8", newline="") as handle:
+        with open(path, encoding="utf-8-sig", newline="") as handle:  # a Windows byte-order mark is not a column name
             return [dict(row) for row in csv.DictReader(handle)]
     return read_json_records(path)
 
@@ -116,7 +116,7 @@ def load_refusals(path: str) -> list[str]:
     if path.endswith(".txt"):
         if not os.path.isfile(path):
             raise DataError(f"--refusal: file not found: {path}")
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:
             texts = [line.strip() for line in handle if line.strip()]
     else:
         texts = []

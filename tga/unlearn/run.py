@@ -18,6 +18,7 @@ from tga.data.chat_templates import chat_template
 from tga.data.dataset import SampleBuilder
 from tga.data.templates import get_template
 from tga.model.lora import add_lora
+from tga.model.sources import check_model_source
 from tga.model.tokenizer import image_token_id, load_tokenizer
 from tga.model.vision import load_image_processor
 from tga.model.vlm import load_vlm
@@ -83,6 +84,7 @@ def prepare_unlearning(argv: list[str]) -> UnlearnRun:
     """Parse options, load model, reference and data, and build the trainer with its cost callback."""
     argv = prepare_process(argv)
     args, training_args = parse_unlearn_config(argv)
+    check_model_source("model", args.model)
     write_resolved_config(training_args.output_dir, "unlearn", argv, args, training_args)
     set_seed(training_args.seed)
     tokenizer = load_tokenizer(args.model, model_max_length=training_args.model_max_length)
