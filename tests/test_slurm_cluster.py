@@ -17,6 +17,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import sys
 import time
 
@@ -118,6 +119,34 @@ def rank_processes(job: str) -> dict[int, psutil.Process]:
     return ranks
 
 
+def job_processes(job: str) -> list[psutil.Process]:
+    """Every process of a job's attempt (the batch script, srun, launcher, ranks), found through their environment."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("SLURM_JOB_ID") == job:
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+class FirstAttemptEnded:
+    """True once no process of the job's first attempt is left and slurmctld has logged its `_job_complete` (or,
+    where this SLURM logs none for a requeued job, 5 s after its last process ended)."""
+
+    def __init__(self, cluster: SlurmCluster, job: str):
+        self.log, self.job, self.gone_since = os.path.join(cluster.folder, "slurmctld.log"), job, None
+
+    def __call__(self) -> bool:
+        if job_processes(self.job):
+            return False
+        self.gone_since = self.gone_since or time.monotonic()
+        with open(self.log, encoding="utf-8", errors="replace") as handle:
+            logged = re.search(rf"_job_complete: .*JobId={self.job}\b", handle.read()) is not None
+        return logged or time.monotonic() - self.gone_since > 5
+
+
 def losses(output_dir: str) -> dict[int, float]:
     with open(os.path.join(output_dir, "trainer_state.json"), encoding="utf-8") as handle:
         return {entry["step"]: entry["loss"] for entry in json.load(handle)["log_history"] if "loss" in entry}
@@ -162,8 +191,12 @@ def runs(cluster, tiny_assets, tmp_path_factory):
     save_s = time.monotonic() - save_started
     signal_to_saved_s = time.monotonic() - signalled
     stop_step = int(stop_checkpoint.rsplit("-", 1)[1])  # read before the requeued run finishes
-    # SLURM holds a requeued job for two minutes (Reason=BeginTime); move its start to now rather than wait.
+    # SLURM holds a requeued job for two minutes (Reason=BeginTime); move its start to now rather than wait, but only
+    # once the first attempt's batch script has exited and slurmctld has recorded it: an attempt started before that
+    # is charged with the old script's exit status (seen once: the requeued job ended FAILED).
     jobs.wait(preempted, {"PENDING"})
+    first_attempt_ended = FirstAttemptEnded(cluster, preempted)
+    jobs.wait(preempted, set(), until=first_attempt_ended)
     cluster.run("scontrol", "update", f"JobId={preempted}", "StartTime=now")
 
     for job in (preempted, reference, finetune):
