@@ -216,3 +216,22 @@ WRITERS = {
 EXPECTED_ITEMS = {"mm-safetybench": 9, "figstep": 3, "safebench-tiny": 2, "vlguard": 5, "siuo": 2,
                   "jailbreakv-mini": 2, "jailbreakv": 2, "hades": 2, "spa-vl-harm": 2, "spa-vl-help": 1,
                   "scenes": 9, "demo": 3}
+
+
+def save_tiny_checkpoint(root) -> dict:
+    """A tiny random VLM folder (real Mistral tokenizer, padding image processor) to run benchmarks on."""
+    import torch
+
+    from tga.model.tokenizer import load_tokenizer
+    from tga.model.vision import load_image_processor
+    from tga.model.vlm import build_vlm
+    from tga.tiny import make_tiny_assets
+
+    assets = make_tiny_assets(str(root / "assets"), seed=0, num_images=4)
+    tokenizer = load_tokenizer(assets["llm"])
+    torch.manual_seed(0)
+    model = build_vlm(assets["llm"], assets["vision"], tokenizer, template="llava_llama_2")
+    model.save_pretrained(root / "ckpt")
+    tokenizer.save_pretrained(root / "ckpt")
+    load_image_processor(assets["vision"]).save_pretrained(root / "ckpt")
+    return {"ckpt": str(root / "ckpt"), "llm": assets["llm"]}

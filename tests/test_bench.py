@@ -8,8 +8,15 @@ import json
 import os
 
 import pytest
-import torch
-from bench_formats import EXPECTED_ITEMS, SAFEBENCH_ROWS, WRITERS, write_figstep, write_mm_safetybench, write_vlguard
+from bench_formats import (
+    EXPECTED_ITEMS,
+    SAFEBENCH_ROWS,
+    WRITERS,
+    save_tiny_checkpoint,
+    write_figstep,
+    write_mm_safetybench,
+    write_vlguard,
+)
 
 from tga.bench.figstep import FIGSTEP_PROMPT
 from tga.bench.hades import hades_request
@@ -33,6 +40,21 @@ def test_every_format_reads_with_unique_ids_and_existing_images(name, tmp_path):
     assert len({item.key for item in items}) == len(items)
     assert all(item.benchmark == name and item.request and item.category for item in items)
     assert all(item.image is None or not isinstance(item.image, str) or os.path.isfile(item.image) for item in items)
+
+
+@pytest.mark.parametrize("name", ["vlguard", "figstep", "siuo", "mm-safetybench", "jailbreakv-mini"])
+def test_json_and_csv_files_with_a_byte_order_mark_read_like_plain_ones(name, tmp_path):
+    plain = [item.key for item in read(name, tmp_path / "plain")]
+    read(name, tmp_path / "bom")  # writes the fixture
+    for folder, _, files in os.walk(tmp_path / "bom"):
+        for file in files:
+            if file.endswith((".json", ".csv")):
+                path = os.path.join(folder, file)
+                with open(path, encoding="utf-8") as handle:
+                    text = handle.read()
+                with open(path, "w", encoding="utf-8-sig") as handle:  # as Windows tools write them
+                    handle.write(text)
+    assert [item.key for item in read_benchmark(name, str(tmp_path / "bom"))] == plain
 
 
 def test_mm_safetybench_asks_each_image_type_its_own_question(tmp_path):
@@ -193,20 +215,7 @@ def test_counts_and_rates_are_exact_and_resume_after_a_kill(tmp_path):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from tga.model.tokenizer import load_tokenizer
-    from tga.model.vision import load_image_processor
-    from tga.model.vlm import build_vlm
-    from tga.tiny import make_tiny_assets
-
-    root = tmp_path_factory.mktemp("bench_ckpt")
-    assets = make_tiny_assets(str(root / "assets"), seed=0, num_images=4)
-    tokenizer = load_tokenizer(assets["llm"])
-    torch.manual_seed(0)
-    model = build_vlm(assets["llm"], assets["vision"], tokenizer, template="llava_llama_2")
-    model.save_pretrained(root / "ckpt")
-    tokenizer.save_pretrained(root / "ckpt")
-    load_image_processor(assets["vision"]).save_pretrained(root / "ckpt")
-    return {"ckpt": str(root / "ckpt"), "llm": assets["llm"]}
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("bench_ckpt"))
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_ITEMS))

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from bench_formats import write_vlguard
+from bench_formats import save_tiny_checkpoint, write_vlguard
 from transformers import BatchFeature, LlamaTokenizer
 
 from tga.bench.guards import (
@@ -215,20 +215,7 @@ def test_get_bench_judge_needs_a_model_folder(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from tga.model.tokenizer import load_tokenizer
-    from tga.model.vision import load_image_processor
-    from tga.model.vlm import build_vlm
-    from tga.tiny import make_tiny_assets
-
-    root = tmp_path_factory.mktemp("guard_world")
-    assets = make_tiny_assets(str(root / "assets"), seed=0, num_images=4)
-    tokenizer = load_tokenizer(assets["llm"])
-    torch.manual_seed(0)
-    model = build_vlm(assets["llm"], assets["vision"], tokenizer, template="llava_llama_2")
-    model.save_pretrained(root / "ckpt")
-    tokenizer.save_pretrained(root / "ckpt")
-    load_image_processor(assets["vision"]).save_pretrained(root / "ckpt")
-    return {"ckpt": str(root / "ckpt"), "llm": assets["llm"]}
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("guard_world"))
 
 
 @pytest.mark.parametrize("kind", ["llama-guard-3", "md-judge"])

@@ -8,10 +8,9 @@ gets the image with FigStep's fixed text prompt; judges read the row's `question
 
 from __future__ import annotations
 
-import csv
 import os
 
-from tga.bench.items import BenchItem, field, find_file, image_in, require_columns
+from tga.bench.items import BenchItem, field, find_file, image_in, read_csv_rows
 from tga.errors import DataError
 
 # FigStep's text prompt, sent with every typographic image.
@@ -41,12 +40,7 @@ def read_figstep(root: str, variant: str = "figstep") -> list[BenchItem]:
     else:
         candidates = [p for name in CSV_NAMES[variant] for p in (f"question/{name}", name)]
         source = find_file(root, candidates, f"{variant} question file")
-    with open(source, encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        require_columns(reader.fieldnames or [], COLUMNS, source)
-        rows = list(reader)
-    if not rows:
-        raise DataError(f"{source}: no rows")
+    rows = read_csv_rows(source, COLUMNS)
     base = os.path.dirname(os.path.dirname(os.path.abspath(source))) if os.path.basename(
         os.path.dirname(source)) == "question" else os.path.dirname(os.path.abspath(source))
     folders = [os.path.join(base, f) for f in IMAGE_FOLDERS[variant]] + [os.path.join(root, f) for f in IMAGE_FOLDERS[variant]]

@@ -7,6 +7,8 @@ naming a missing file or field in an error, and for images stored inside parquet
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -116,3 +118,28 @@ def image_in(folder: str, relative: str, source: str, label: str) -> str:
     if not os.path.isfile(path):
         raise DataError(f"{source}: record {label} image not found: {path}")
     return path
+
+
+def read_json(source: str, kind: type = list) -> Any:
+    """A benchmark's JSON file (a UTF-8 byte-order mark allowed): a non-empty list, or an object where `kind` is dict."""
+    with open(source, encoding="utf-8-sig") as handle:
+        try:
+            data = json.load(handle)
+        except ValueError as error:
+            raise DataError(f"{source}: not valid JSON ({error})") from error
+    if kind is list and (not isinstance(data, list) or not data):
+        raise DataError(f"{source}: expected a non-empty JSON list of records")
+    if kind is dict and not isinstance(data, dict):
+        raise DataError(f"{source}: expected an object mapping question ids to records")
+    return data
+
+
+def read_csv_rows(source: str, columns: Sequence[str]) -> list[dict[str, str]]:
+    """A benchmark's CSV file (a UTF-8 byte-order mark allowed) with at least `columns`; its rows, none is an error."""
+    with open(source, encoding="utf-8-sig", newline="") as handle:
+        reader = csv.DictReader(handle)
+        require_columns(reader.fieldnames or [], columns, source)
+        rows = list(reader)
+    if not rows:
+        raise DataError(f"{source}: no rows")
+    return rows

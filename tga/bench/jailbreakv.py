@@ -8,10 +8,9 @@ Reports group by `policy` (category) and `format` (the attack: Template, Persuad
 
 from __future__ import annotations
 
-import csv
 import os
 
-from tga.bench.items import BenchItem, field, find_file, image_in, require_columns
+from tga.bench.items import BenchItem, field, find_file, image_in, read_csv_rows
 from tga.errors import DataError
 
 COLUMNS = ("id", "jailbreak_query", "redteam_query", "format", "policy", "image_path")
@@ -25,12 +24,7 @@ def read_jailbreakv(root: str, variant: str = "jailbreakv-mini") -> list[BenchIt
     name = CSV_NAMES[variant]
     source = root if os.path.isfile(root) else find_file(root, (name, f"JailBreakV_28K/{name}"), f"{variant} CSV")
     folder = os.path.dirname(os.path.abspath(source))
-    with open(source, encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        require_columns(reader.fieldnames or [], COLUMNS, source)
-        rows = list(reader)
-    if not rows:
-        raise DataError(f"{source}: no rows")
+    rows = read_csv_rows(source, COLUMNS)
     items = []
     for line, row in enumerate(rows, start=2):
         label = f"on line {line}"

@@ -9,11 +9,10 @@ with `Rephrased Question`; `text_only` asks the original `Question` without an i
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 
-from tga.bench.items import BenchItem, field, image_in
+from tga.bench.items import BenchItem, field, image_in, read_json
 from tga.errors import DataError
 
 # The 13 scenarios as the benchmark spells its folders and files (the first one's typo included).
@@ -67,13 +66,7 @@ def read_mm_safetybench(root: str, image_types: Sequence[str] = IMAGE_TYPES) -> 
     items = []
     for scenario in present:
         source = os.path.join(questions_dir, f"{scenario}.json")
-        with open(source, encoding="utf-8") as handle:
-            try:
-                records = json.load(handle)
-            except ValueError as error:
-                raise DataError(f"{source}: not valid JSON ({error})") from error
-        if not isinstance(records, dict):
-            raise DataError(f"{source}: expected an object mapping question ids to records")
+        records = read_json(source, dict)
         for qid in sorted(records, key=lambda k: (len(k), k)):
             record = records[qid]
             original = field(record, "Question", source, qid)

@@ -7,10 +7,9 @@ each harmless; together they ask for something unsafe, so every item counts as h
 
 from __future__ import annotations
 
-import json
 import os
 
-from tga.bench.items import BenchItem, field, find_file, image_in
+from tga.bench.items import BenchItem, field, find_file, image_in, read_json
 from tga.errors import DataError
 
 
@@ -20,13 +19,7 @@ def read_siuo(root: str) -> list[BenchItem]:
     base = os.path.dirname(os.path.abspath(source))
     folder = next((f for f in (os.path.join(base, "images"), os.path.join(os.path.dirname(base), "images"))
                    if os.path.isdir(f)), os.path.join(base, "images"))
-    with open(source, encoding="utf-8") as handle:
-        try:
-            records = json.load(handle)
-        except ValueError as error:
-            raise DataError(f"{source}: not valid JSON ({error})") from error
-    if not isinstance(records, list) or not records:
-        raise DataError(f"{source}: expected a non-empty JSON list of records")
+    records = read_json(source)
     items = []
     for index, record in enumerate(records):
         if not isinstance(record, dict):

@@ -9,11 +9,10 @@ which measures over-refusal).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 
-from tga.bench.items import BenchItem, field, find_file, image_in
+from tga.bench.items import BenchItem, field, find_file, image_in, read_json
 from tga.errors import DataError
 
 SUBSETS: tuple[str, ...] = ("unsafes", "safe_unsafes", "safe_safes")
@@ -34,13 +33,7 @@ def read_vlguard(root: str, subsets: Sequence[str] = SUBSETS) -> list[BenchItem]
     source = root if os.path.isfile(root) else find_file(root, ("test.json",), "VLGuard test file")
     base = os.path.dirname(os.path.abspath(source))
     folder = os.path.join(base, "test") if os.path.isdir(os.path.join(base, "test")) else base
-    with open(source, encoding="utf-8") as handle:
-        try:
-            records = json.load(handle)
-        except ValueError as error:
-            raise DataError(f"{source}: not valid JSON ({error})") from error
-    if not isinstance(records, list) or not records:
-        raise DataError(f"{source}: expected a non-empty JSON list of records")
+    records = read_json(source)
     items = []
     for index, record in enumerate(records):
         label = repr(record.get("id", index)) if isinstance(record, dict) else str(index)
