@@ -11,7 +11,6 @@ adapters unmerged; they are merged here (alpha from the run's tga_config.json), 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -25,7 +24,7 @@ from tga.model.lora import has_lora_keys, merge_lora_checkpoint_state
 from tga.model.projector import DEFAULT_PROJECTOR, build_projector
 from tga.model.tokenizer import load_tokenizer
 from tga.model.vision import folder_aspect_ratio, load_image_processor, run_settings
-from tga.model.vlm import is_vlm_checkpoint, load_vlm
+from tga.model.vlm import is_vlm_checkpoint, load_vlm, weight_files
 from tga.train.checkpoint import build_processor
 
 FORMATS = ("hf-llava",)
@@ -73,14 +72,6 @@ def model_from_deepspeed_checkpoint(path: str) -> LlavaForConditionalGeneration:
         raise ConfigError(f"{path}: checkpoint does not match its config: missing {missing[:8]}, "
                           f"unexpected {unexpected[:8]}")
     return model
-
-
-def weight_files(path: str) -> list[str]:
-    index_file = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index_file):
-        with open(index_file, encoding="utf-8") as handle:
-            return sorted(set(json.load(handle)["weight_map"].values()))
-    return ["model.safetensors"]
 
 
 def folder_has_lora(path: str) -> bool:

@@ -121,16 +121,19 @@ def llava_shell(config: LlavaConfig) -> LlavaForConditionalGeneration:
     return shell
 
 
-def projector_state_from_folder(path: str) -> dict[str, torch.Tensor]:
-    """The projector tensors of a saved model folder (single or sharded safetensors), keys relative to the projector."""
+def weight_files(path: str) -> list[str]:
+    """The safetensors files of a saved model folder: the shards its index names, or the single file."""
     index_file = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index_file):
         with open(index_file, encoding="utf-8") as handle:
-            files = sorted(set(json.load(handle)["weight_map"].values()))
-    else:
-        files = ["model.safetensors"]
+            return sorted(set(json.load(handle)["weight_map"].values()))
+    return ["model.safetensors"]
+
+
+def projector_state_from_folder(path: str) -> dict[str, torch.Tensor]:
+    """The projector tensors of a saved model folder (single or sharded safetensors), keys relative to the projector."""
     state = {}
-    for name in files:
+    for name in weight_files(path):
         with safe_open(os.path.join(path, name), framework="pt") as handle:
             for key in handle.keys():
                 prefix = next((p for p in PROJECTOR_PREFIXES if key.startswith(p)), None)

@@ -20,6 +20,7 @@ from transformers import LlavaProcessor
 from tga.data.chat_templates import chat_template
 from tga.errors import ConfigError
 from tga.model.vision import SELECT_STRATEGY
+from tga.model.vlm import weight_files
 from tga.train.distributed import gathered, is_main_process
 
 PROJECTOR_FILE = "mm_projector.safetensors"
@@ -134,20 +135,12 @@ def load_checkpoint_weights(model, folder: str) -> None:
     from safetensors import safe_open
     from transformers.core_model_loading import revert_weight_conversion
 
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        import json
-
-        with open(index, encoding="utf-8") as handle:
-            files = sorted(set(json.load(handle)["weight_map"].values()))
-    else:
-        files = ["model.safetensors"]
     own = model.state_dict()
     saved_name = {}
     for name, tensor in own.items():  # one key at a time: Llava's conversions are renamings, one name to one
         saved_name[next(iter(revert_weight_conversion(model, {name: tensor})))] = name
     state = {}
-    for file in files:
+    for file in weight_files(folder):
         path = os.path.join(folder, file)
         if not os.path.isfile(path):
             raise ConfigError(f"--resume_from_checkpoint {folder}: {file} is missing")
