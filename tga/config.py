@@ -83,7 +83,7 @@ class TGAArguments:
     tga: bool = option(False, "Add the TGA guide loss to the next-token loss.")
     tga_layers: str = option("10-18", 'Hidden-state indices aligned: "10-18", "10,12,14", "all" or "auto" (needs --tga_activation_file).')
     tga_activation_file: str | None = option(None, "Activation analysis JSON (tga analyze activation) used by --tga_layers auto.")
-    tga_form: str = option("paper", "Guide loss form: the paper's, the released code's, or contrastive.", choices=["paper", "released", "contrastive"])
+    tga_form: str = option("paper", "Guide loss form: the paper's, the released code's, contrastive, or request (the request tokens after the image toward the same tokens after the caption; needs --tga_caption_context request).", choices=["paper", "released", "contrastive", "request"])
     tga_weight: float = option(1.0, "lambda in L = L_CE + lambda * L_guide.")
     tga_schedule: str = option("none", "lambda schedule: constant, linear decay to 0, or the released form's (1-r) factors.", choices=["none", "linear", "released"])
     tga_target: str = option("live", "Caption states from the training model (no grad) or a frozen copy made at the stage start.", choices=["live", "frozen"])
@@ -191,6 +191,15 @@ def check_config(model_args, data_args, tga_args, training_args) -> None:
     if data_args.safety_ratio is not None and not 0.0 < data_args.safety_ratio < 1.0:
         raise ConfigError(f"--safety_ratio must lie strictly between 0 and 1, got {data_args.safety_ratio}")
     # Values of a set (--tga_form, --image_aspect_ratio, ...) are the fields' choices, checked by the parser.
+    if tga_args.tga_form == "request":
+        if tga_args.tga_caption_context != "request":
+            raise ConfigError("--tga_form request pulls request tokens toward the same tokens after the caption: it needs "
+                              "--tga_caption_context request")
+        if tga_args.tga_bank:
+            raise ConfigError("--tga_bank stores pooled caption states; --tga_form request needs the caption pass's "
+                              "request tokens (drop --tga_bank)")
+        if tga_args.tga_center:
+            raise ConfigError("--tga_center centres pooled image/caption states; --tga_form request compares tokens")
     if tga_args.tga_schedule == "released" and tga_args.tga_form != "released":
         raise ConfigError("--tga_schedule released applies the released form's (1-r) factors; use --tga_form released")
     if model_args.lora_enable:

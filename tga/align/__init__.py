@@ -1,7 +1,7 @@
 """tga/align
 
 The pure-torch core of TGA: pooling of hidden states by token masks, the guide loss in its paper,
-released and contrastive forms, the running caption centre, the alignment-specificity diagnostic, and
+released and contrastive forms, the request-token guide (tga.align.request_guide), the running caption centre, the alignment-specificity diagnostic, and
 the choice of target layers; around them `Guide` (tga.align.guide), the whole guide term of a training step (target
 source, centre, accumulation scaling, metrics), and the caption-state bank (tga.align.bank), the fixed target
 computed once. The trainer adds the guide's term to the language-modelling loss.
@@ -11,6 +11,7 @@ from tga.align.centering import CaptionCenter
 from tga.align.layers import auto_band, load_activation_layer, parse_layer_spec
 from tga.align.metrics import apply_center, cosine_matrix, paired_cosine, specificity
 from tga.align.pooling import masked_mean, pool_layers
+from tga.align.request_guide import request_spans, request_token_loss
 from tga.align.tga_loss import DEFAULT_WEIGHTS, FORMS, GuideTerms, guide_loss, guide_terms
 
 __all__ = [
@@ -28,5 +29,7 @@ __all__ = [
     "paired_cosine",
     "parse_layer_spec",
     "pool_layers",
+    "request_spans",
+    "request_token_loss",
     "specificity",
 ]

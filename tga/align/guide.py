@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from tga.align.bank import open_or_build
 from tga.align.centering import CaptionCenter
 from tga.align.pooling import pool_layers
+from tga.align.request_guide import request_guide_loss
 from tga.align.tga_loss import guide_loss
 from tga.errors import ConfigError
 from tga.model.text_states import supports_partial_pass, text_hidden_states
@@ -181,21 +182,27 @@ class Guide:
         if self.bank is not None:  # the target read from the bank: no caption pass
             ids = extras.get("guide_ids") or []
             return self.bank.lookup(ids, device) if ids else torch.zeros(len(self.layers), 0, hidden_size, device=device)
+        hidden = self.caption_pass(model, extras, device)
+        if hidden is None or "caption_mask" not in extras:
+            return torch.zeros(len(self.layers), 0, hidden_size, device=device)
+        return pool_layers(hidden, self.layers, extras["caption_mask"])
+
+    def caption_pass(self, model, extras: dict, device) -> tuple[torch.Tensor, ...] | None:
+        """Hidden states [G, Tc, H] by layer (up to the deepest target layer) of the no-grad caption pass; None when
+        this micro-batch has no guide sample and no rank needs the pass."""
         language_model = self.frozen_language_model or model.model.language_model
         if self.frozen_language_model is not None and next(language_model.parameters()).device != device:
             language_model.to(device)
         if "caption_input_ids" in extras:
-            ids, attention, mask = extras["caption_input_ids"], extras["caption_attention_mask"], extras["caption_mask"]
-        else:
+            ids, attention = extras["caption_input_ids"], extras["caption_attention_mask"]
+        elif self.always_run_all_modules:
             ids = torch.full((1, 1), self.pad_token_id, device=device)
-            attention, mask = torch.ones_like(ids, dtype=torch.bool), None
-        if mask is not None or self.always_run_all_modules:
-            self.caption_token_count = self.caption_token_count + attention.sum()
-            with torch.no_grad():  # stops after the deepest target layer: the layers above cannot change its states
-                hidden = text_hidden_states(language_model, ids, attention, depth=max(self.layers))
-        if mask is None:
-            return torch.zeros(len(self.layers), 0, hidden_size, device=device)
-        return pool_layers(hidden, self.layers, mask)
+            attention = torch.ones_like(ids, dtype=torch.bool)
+        else:
+            return None
+        self.caption_token_count = self.caption_token_count + attention.sum()
+        with torch.no_grad():  # stops after the deepest target layer: the layers above cannot change its states
+            return text_hidden_states(language_model, ids, attention, depth=max(self.layers))
 
     def loss(self, model, hidden_states, extras: dict, *, progress: float = 0.0,
              diagnostics: bool = True) -> tuple[torch.Tensor, dict]:
@@ -204,6 +211,9 @@ class Guide:
         [Contract] Both subsets (with and without retrieved text) are always built, empty ones give attached zeros:
         ZeRO-3 reduces gradients in the order they become ready, which must be identical on every rank.
         """
+        if self.settings.form == "request":  # tga.align.request_guide
+            return request_guide_loss(hidden_states, self.caption_pass(model, extras, hidden_states[0].device),
+                                      extras, self.layers)
         images = pool_layers(hidden_states, self.layers, extras["image_mask"])
         retrieved = pool_layers(hidden_states, self.layers, extras["retrieved_mask"])
         captions = self.caption_states(model, extras, images.shape[-1], images.device)

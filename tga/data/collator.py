@@ -5,7 +5,8 @@ the TGA spans: `image_mask` and `retrieved_mask` over the training sequence, and
 (`caption_input_ids`, `caption_attention_mask`, `caption_mask`) holding the caption-only text of the samples that
 enter the guide loss, whose positions in the main batch are `guide_index`, split by `guide_with_retrieved` /
 `guide_without_retrieved` (positions within the caption batch), and `guide_ids`, their record ids (a list of str,
-which the device transfer leaves alone: the rows of the caption-state bank).
+which the device transfer leaves alone: the rows of the caption-state bank). The request-token guide adds
+`request_mask` (every row) and `caption_request_mask` (the caption batch): its paired tokens.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class VLMCollator:
             "image_mask": pad([s["image_mask"] for s in samples], False),
             "retrieved_mask": pad([s["retrieved_mask"] for s in samples], False),
         }
+        if "request_mask" in samples[0]:  # --tga_form request: paired request tokens (tga.align.request_guide)
+            batch["request_mask"] = pad([s["request_mask"] for s in samples], False)
         images = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
         if images:
             # Images are stacked in sample order: HF Llava scatters them into the image-token positions in that order.
@@ -51,6 +54,8 @@ class VLMCollator:
                 [torch.ones_like(samples[row]["caption_input_ids"], dtype=torch.bool) for row in guided], False
             )
             batch["caption_mask"] = pad([samples[row]["caption_mask"] for row in guided], False)
+            if "caption_request_mask" in samples[guided[0]]:
+                batch["caption_request_mask"] = pad([samples[row]["caption_request_mask"] for row in guided], False)
             # Which guide samples have retrieved text, as index lists: the trainer splits on them without reading
             # a device tensor back (a boolean mask on the accelerator would make every step wait for it).
             retrieved = [bool(samples[row]["retrieved_mask"].any()) for row in guided]

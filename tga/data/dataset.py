@@ -16,6 +16,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from tga.align.request_guide import request_spans
 from tga.data.records import Record
 from tga.data.templates import Message, PromptTemplate, Segment
 from tga.data.tokenize import EncodingError, encode_segments
@@ -62,6 +63,7 @@ class SampleBuilder:
     caption_target: bool = False  # also build the caption-only pass (TGA)
     guide_toxic: bool = False  # records marked toxic enter the guide loss too (default: never)
     caption_context: str = "alone"  # "alone": the caption is the whole user turn; "request": it takes the image's place
+    request_guide: bool = False  # also mark the paired request tokens of both passes (--tga_form request)
 
     def load_image(self, record: Record) -> torch.Tensor:
         label = repr(record.id)
@@ -109,6 +111,12 @@ class SampleBuilder:
         }
         if sample["guide"]:
             sample["caption_input_ids"], sample["caption_mask"] = self.caption_pass(record)
+        if self.request_guide:
+            sample["request_mask"] = torch.zeros_like(encoded.input_ids, dtype=torch.bool)
+            if sample["guide"]:
+                sample["request_mask"], sample["caption_request_mask"] = request_spans(
+                    encoded.input_ids, encoded.labels, sample["image_mask"], sample["caption_input_ids"],
+                    sample["caption_mask"])
         return sample
 
     def enters_guide(self, record: Record) -> bool:

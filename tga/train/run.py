@@ -91,7 +91,7 @@ def build_dataset(data_args, tga_args, model, tokenizer, image_processor, traini
         num_image_tokens=model.config.image_seq_length, max_length=training_args.model_max_length,
         image_aspect_ratio=data_args.image_aspect_ratio, use_retrieved=data_args.use_retrieved_in_prompt,
         caption_target=tga_args.tga, guide_toxic=tga_args.tga_guide_toxic,
-        caption_context=tga_args.tga_caption_context,
+        caption_context=tga_args.tga_caption_context, request_guide=tga_args.tga and tga_args.tga_form == "request",
     )
     log = BadRecordLog(training_args.output_dir, records.rejected)
     return GuardedDataset(ArrowSupervisedDataset(records, builder), log, skip_bad=data_args.skip_bad_records)

@@ -33,7 +33,8 @@ from tga.train.throughput import Throughput
 __all__ = ["BATCH_EXTRAS", "GuideSettings", "GuideStateCallback", "TGATrainer"]
 
 BATCH_EXTRAS = ("image_mask", "retrieved_mask", "guide_index", "caption_input_ids", "caption_attention_mask",
-                "caption_mask", "guide_with_retrieved", "guide_without_retrieved", "guide_ids")
+                "caption_mask", "guide_with_retrieved", "guide_without_retrieved", "guide_ids", "request_mask",
+                "caption_request_mask")
 
 
 class GuideStateCallback(TrainerCallback):
