@@ -17,9 +17,9 @@ from tga.data.dataset import SampleBuilder
 from tga.data.records import load_records
 from tga.data.templates import get_template
 from tga.errors import ConfigError
+from tga.model.text_states import text_hidden_states
 from tga.model.tokenizer import image_token_id, load_tokenizer
 from tga.model.vision import load_image_processor
-from tga.model.text_states import text_hidden_states
 from tga.model.vlm import build_vlm
 from tga.options import load_config
 from tga.train.run import run_stage
