@@ -4,7 +4,9 @@ Writes every data file the demo pipeline reads, from the world's scenes: the ima
 stage-2 instruction records (benign VL tasks plus text-only instructions, as LLaVA-1.5 mixes text data), the
 caption corpus for retrieval, and the test sets (toxic scenes per concept for DSR, benign VQA and describe sets,
 text prompts, toxic image-caption pairs). Design rule: no image record ever has a refusal as an answer; images with a
-toxic object take part in benign tasks only and carry `"toxic": true`, so the guide loss can leave them out.
+toxic object take part in benign tasks only and carry `"toxic": true`, so the guide loss can leave them out. The one
+exception is a separate file, the VLGuard-style safety data (`safety_records`), which only methods that ask for it
+(`--safety_data`) train on.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ from tga.demo.render import write_images
 from tga.demo.world import POSITION_PHRASES, Scene, WorldScenes, WorldSpec, canonical_caption, caption_variants
 
 STAGE2_TURNS = (1, 2, 3)
+# The toxic concepts the VLGuard-style safety data covers; the others are held out, so that image DSR on them says
+# whether image safety training generalises beyond the concepts it saw (docs/demo.md).
+SAFETY_DATA_CONCEPTS = ("knife", "gun")
+SAFETY_DATA_REFUSALS = 500  # at most this many refusal records (as many helpful ones on benign images beside them)
 STAGE2_DESCRIBE_PROB = 0.45  # chance that a benign image's conversation holds one describe request
 
 
@@ -90,6 +96,23 @@ def stage2_records(image_scenes: list[Scene], text_scenes: list[Scene], n_text: 
     records += [text_record(text_scenes[int(i)], rng, f"s2t-{k:06d}") for k, i in enumerate(picks)]
     order = rng.permutation(len(records))
     return [records[int(i)] for i in order]
+
+
+def safety_records(scenes: list[Scene], seed: int) -> list[dict]:
+    """VLGuard-style image safety data (Zong et al., ICML 2024): a describe request on a training image whose toxic
+    objects are all of `SAFETY_DATA_CONCEPTS`, answered with the refusal, and as many describe requests on benign
+    training images answered with their caption (VLGuard pairs unsafe images with safe ones against over-refusal)."""
+    rng = np.random.default_rng([seed, 24])
+    unsafe = [s for s in scenes
+              if s.toxic and all(o.concept in SAFETY_DATA_CONCEPTS for o in s.objects if o.toxic)][:SAFETY_DATA_REFUSALS]
+    benign = [s for s in scenes if not s.toxic][:len(unsafe)]
+    rows = []
+    for scene in unsafe + benign:
+        qa = tasks.describe_qa(scene, str(rng.choice(tasks.DESCRIBE_TRAIN)))
+        rows.append({"id": f"safety-{scene.id}", "image": image_path(scene),
+                     "conversations": _turns(tasks.image_prompt(qa.question), [qa]), "toxic": scene.toxic})
+    order = rng.permutation(len(rows))
+    return [rows[int(i)] for i in order]
 
 
 def caption_corpus(scenes: list[Scene], seed: int, variants: int = 2) -> list[str]:
@@ -184,6 +207,7 @@ def write_world_files(out_dir: str, spec: WorldSpec, world: WorldScenes, *, work
                                            text_prompts(world.test, toxic=False)),
         "toxic_pairs": _dump(os.path.join(data, "toxic_pairs.json"), toxic_pairs(world)),
         "toxic_vqa_test": _dump(os.path.join(data, "toxic_vqa_test.json"), toxic_vqa(world)),
+        "safety_data": _dump(os.path.join(data, "safety.json"), safety_records(world.train, spec.seed)),
         "unlearn_harmful": _dump_jsonl(os.path.join(data, "unlearn_harmful.jsonl"),
                                        unlearning_pairs(world.train, toxic=True, count=spec.n_stage2_text // 5)),
         "unlearn_normal": _dump_jsonl(os.path.join(data, "unlearn_normal.jsonl"),

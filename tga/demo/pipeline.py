@@ -23,6 +23,7 @@ from collections.abc import Callable
 from tga.demo.parallel import run_parallel
 from tga.demo.phases import Phase, phase_key, run_phase, shell_line, write_commands
 from tga.demo.plan import Method, Plan
+from tga.errors import ConfigError
 
 CHAT_TEMPLATE = "mistral_instruct"  # the text LLM's chat format: every evaluation asks in it
 Progress = Callable[[str], None]
@@ -36,9 +37,21 @@ def flag_argv(options: dict) -> list[str]:
     return argv
 
 
-def stage_flags(plan: Plan, stage: str, options: dict) -> list[str]:
-    """The plan's recipe flags of `stage`, then the method's own (which win where both set an option)."""
-    return flag_argv({**plan.recipe.get(stage, {}), **options})
+ASSET_PREFIX = "assets:"  # an option value naming a file of the world (`safety_data: assets:safety_data`)
+
+
+def stage_flags(plan: Plan, stage: str, options: dict, paths: dict[str, str] | None = None) -> list[str]:
+    """The plan's recipe flags of `stage`, then the method's own (which win where both set an option); a value
+    `assets:NAME` becomes the path of the world's file NAME (`paths`)."""
+    merged = {**plan.recipe.get(stage, {}), **options}
+    for name, value in merged.items():
+        if isinstance(value, str) and value.startswith(ASSET_PREFIX):
+            asset = value[len(ASSET_PREFIX):]
+            if paths is None or (asset not in paths and not isinstance(paths, _AssetPlaceholders)):
+                raise ConfigError(f"{plan.source}: {stage} option {name}: `{value}` names no file of the world "
+                                  f"(known: {', '.join(sorted(paths or {}))})")
+            merged[name] = paths[asset]
+    return flag_argv(merged)
 
 
 def evaluation_commands(model: str, folder: str, paths: dict[str, str], settings: dict) -> tuple[tuple[str, ...], ...]:
@@ -156,7 +169,7 @@ def seed_phases(plan: Plan, out: str, paths: dict[str, str], seed: int) -> list[
         options = next(m for m in plan.stage1_owners or plan.methods if m.name == owner).stage1
         phases.append(Phase(f"seed{seed}/{owner}/stage1", stage1, (
             ("pretrain", plan.configs["stage1"], *model_paths, "--data_path", os.path.join(data, "stage1.json"),
-             "--output_dir", stage1, *stage_flags(plan, "stage1", options)),),
+             "--output_dir", stage1, *stage_flags(plan, "stage1", options, paths)),),
             ("retrieval", "activation"), kind="stage1"))
         phases.append(Phase(f"seed{seed}/{owner}/eval_stage1", os.path.join(root, owner, "eval_stage1"),
                             evaluation_commands(stage1, os.path.join(root, owner, "eval_stage1"), paths,
@@ -168,7 +181,7 @@ def seed_phases(plan: Plan, out: str, paths: dict[str, str], seed: int) -> list[
         phases.append(Phase(f"seed{seed}/{method.name}/stage2", stage2, (
             ("finetune", plan.configs["stage2"], *model_paths, "--data_path", os.path.join(data, "stage2.json"),
              "--pretrain_mm_mlp_adapter", os.path.join(stage1, "mm_projector.safetensors"), "--output_dir", stage2,
-             *stage_flags(plan, "stage2", method.stage2)),),
+             *stage_flags(plan, "stage2", method.stage2, paths)),),
             (f"seed{seed}/{owner.name}/stage1",), kind="stage2"))
     for method in plan.methods:
         if method.is_unlearning:
@@ -177,7 +190,7 @@ def seed_phases(plan: Plan, out: str, paths: dict[str, str], seed: int) -> list[
             phases.append(Phase(f"seed{seed}/{method.name}/stage2", folder, (
                 ("unlearn", plan.configs["unlearn"], "--model", base, "--harmful", paths["unlearn_harmful"],
                  "--normal", paths["unlearn_normal"], "--output_dir", folder, "--seed", str(seed),
-                 *stage_flags(plan, "unlearn", method.unlearn or {})),),
+                 *stage_flags(plan, "unlearn", method.unlearn or {}, paths)),),
                 (f"seed{seed}/{method.base}/stage2",), kind="unlearn"))
     for method in plan.methods:
         stage2, folder = os.path.join(root, method.name, "stage2"), os.path.join(root, method.name, "eval_stage2")
