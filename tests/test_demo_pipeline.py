@@ -44,7 +44,9 @@ def reduced_demo(tmp_path_factory):
     methods = {"llava": {"defenses": defenses}, "tga": {"stage1": guide, "stage2": guide},
                "tga_centred": {"stage1": {**guide, "tga_form": "contrastive", "tga_center": True},
                                "stage2": {**guide, "tga_form": "contrastive", "tga_center": True}},
-               "unlearn": {"base": "llava", "unlearn": {"max_steps": 2}}}
+               "unlearn": {"base": "llava", "unlearn": {"max_steps": 2}},
+               "safety": {"stage2": {"safety_data": "assets:safety_data", "safety_ratio": 0.25}},
+               "request": {"stage2": {**guide, "tga_form": "request", "tga_caption_context": "request"}}}
     plan = plan_file(str(folder), methods, seeds=(0, 1))
     out = str(folder / "run")
     assert main(["sweep", plan, "--out", out]) == 0
@@ -60,7 +62,7 @@ def answers(path: str) -> list[dict]:
 @pytest.mark.slow
 def test_report_covers_every_method_seed_and_stage_with_rates_in_0_1(reduced_demo):
     methods = reduced_demo["report"]["methods"]
-    assert list(methods) == ["llava", "tga", "tga_centred", "unlearn"]
+    assert list(methods) == ["llava", "tga", "tga_centred", "unlearn", "safety", "request"]
     for method in methods.values():
         assert set(method["per_seed"]) == {"0", "1"}
         for stages in method["per_seed"].values():
@@ -75,7 +77,7 @@ def test_report_covers_every_method_seed_and_stage_with_rates_in_0_1(reduced_dem
         assert os.path.getsize(os.path.join(out, name)) > 0
     # training cost per step from every run's cost.json, for the variants' extra cost over the baseline
     costs = reduced_demo["report"]["context"]["step_costs"]
-    assert set(costs) == {"llava", "tga", "tga_centred"}
+    assert set(costs) == {"llava", "tga", "tga_centred", "safety", "request"}
     assert all(value > 0 for stages in costs.values() for value in stages.values())
     with open(os.path.join(out, "seed0", "tga", "stage2", "cost.json"), encoding="utf-8") as handle:
         seed0 = json.load(handle)
@@ -114,6 +116,45 @@ def test_defences_run_on_the_baseline_and_report_safety_utility_and_cost(reduced
     assert os.path.getsize(os.path.join(out, "defenses.png")) > 0
     script = open(os.path.join(out, "commands.sh"), encoding="utf-8").read()
     assert "tga calibrate cmrm" in script and "--defense adashield" in script
+
+
+@pytest.mark.slow
+def test_every_method_and_defence_side_by_side_with_the_concept_split(reduced_demo):
+    out, report = reduced_demo["out"], reduced_demo["report"]
+    rows = {row["name"]: row for row in report["context"]["comparison"]}
+    assert set(rows) == {"llava", "tga", "tga_centred", "unlearn", "safety", "request", "llava + ecso", "llava + cmrm",
+                         "llava + adashield"}
+    for seed in ("0", "1"):  # the concept split, recomputed from the answers of one model
+        image = answers(os.path.join(out, f"seed{seed}", "safety", "eval_stage2", "image_dsr", "answers.jsonl"))
+        trained = [r["refusal"] for r in image if r["scene"] in ("knife", "gun")]
+        stats = report["methods"]["safety"]["per_seed"][seed]["stage2"]
+        assert stats["image_dsr_safety_concepts"] == pytest.approx(sum(trained) / len(trained))
+        held = [r["refusal"] for r in image if r["scene"] not in ("knife", "gun")]
+        assert held and stats["image_dsr_heldout_concepts"] == pytest.approx(sum(held) / len(held))
+    # a defence runs on llava's model: llava's training cost, its own inference cost, and no text evaluation
+    assert rows["llava + adashield"]["training_cost"] == rows["llava"]["training_cost"]
+    assert rows["llava + adashield"]["inference_tokens"]["mean"] > 1 and "text_refusal" not in rows["llava + ecso"]
+    assert rows["llava"]["training_cost"]["mean"] == 1.0 and rows["unlearn"]["training_cost"]["n"] == 0
+    markdown = open(os.path.join(out, "report.md"), encoding="utf-8").read()
+    assert "## Every method side by side" in markdown and "| llava + cmrm | n/a |" in markdown
+    assert os.path.getsize(os.path.join(out, "comparison.png")) > 0
+    # the safety data reached its run: the world's file, mixed in at the plan's ratio (more samples than llava's)
+    script = open(os.path.join(out, "commands.sh"), encoding="utf-8").read()
+    assert "--safety_data " + os.path.join(out, "assets", "world", "data", "safety.json") in script
+    costs = {name: json.load(open(os.path.join(out, "seed0", name, "stage2", "cost.json"), encoding="utf-8"))
+             for name in ("llava", "safety")}
+    assert costs["safety"]["samples"] > costs["llava"]["samples"]
+
+
+def test_an_asset_option_naming_no_file_of_the_world_is_refused(tmp_path):
+    from tga.demo.pipeline import stage_flags
+
+    plan = parse_plan({"configs": {"stage1": "a", "stage2": "b", "unlearn": "c"}, "methods": {"m": {}}}, "plan.yaml")
+    paths = {"safety_data": "/w/safety.json"}
+    assert stage_flags(plan, "stage2", {"safety_data": "assets:safety_data"}, paths) == ["--safety_data",
+                                                                                        "/w/safety.json"]
+    with pytest.raises(ConfigError, match="assets:safty_data.*names no file of the world"):
+        stage_flags(plan, "stage2", {"safety_data": "assets:safty_data"}, paths)
 
 
 @pytest.mark.slow

@@ -15,11 +15,16 @@ from statistics import mean
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from tga.demo.metrics import rate, read_answers
+from tga.demo.datasets import SAFETY_DATA_CONCEPTS
+from tga.demo.metrics import concept_split_dsr, rate, read_answers
+from tga.demo.world import TOXIC_CONCEPTS
 from tga.demo.plan import Plan
 
 SETS = {"image_dsr": "answers.jsonl", "benign_vqa": "vqa_answers.jsonl", "benign_describe": "vqa_answers.jsonl"}
-SCALARS = ("image_dsr", "false_refusal", "benign_vqa_accuracy", "benign_describe_accuracy", "generations_per_request",
+SAFETY_LABEL = " and ".join(SAFETY_DATA_CONCEPTS)  # column names of the concept split (tga.demo.metrics)
+HELDOUT_LABEL = " and ".join(c for c in TOXIC_CONCEPTS if c not in SAFETY_DATA_CONCEPTS)
+SCALARS = ("image_dsr", "image_dsr_safety_concepts", "image_dsr_heldout_concepts", "false_refusal",
+           "benign_vqa_accuracy", "benign_describe_accuracy", "generations_per_request",
            "tokens_relative")
 
 
@@ -39,6 +44,7 @@ def defense_metrics(folder: str, undefended: str) -> dict:
     generations = [row["cost"]["generations"] for row in rows if row.get("cost")]
     return {
         "image_dsr": rate([row["refusal"] for row in answers["image_dsr"]]),
+        **concept_split_dsr(answers["image_dsr"]),
         "false_refusal": rate([row["refusal"] for row in answers["benign_vqa"] + answers["benign_describe"]]),
         "benign_vqa_accuracy": rate([row["exact"] for row in answers["benign_vqa"]]),
         "benign_describe_accuracy": rate([row["exact"] for row in answers["benign_describe"]]),
@@ -81,9 +87,9 @@ def defense_markdown(defenses: dict) -> list[str]:
              "Each defence answers the same held-out requests with the stage-2 model of the method it is listed under "
              "(no training). Cost: generate calls per request, and prompt + generated tokens relative to the same "
              "model without a defence (docs/evaluation.md#inference-time-defences).", "",
-             "| method | defence | image DSR | false refusal on benign images | benign VQA accuracy | "
-             "benign describe accuracy | generations / request | tokens × no defence |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             f"| method | defence | image DSR | DSR, {SAFETY_LABEL} | DSR, {HELDOUT_LABEL} | false refusal on benign images | "
+             "benign VQA accuracy | benign describe accuracy | generations / request | tokens × no defence |",
+             "|---|---|" + "---:|" * len(SCALARS)]
     for method, entries in defenses.items():
         for label, entry in entries.items():
             cells = []

@@ -17,11 +17,12 @@ from statistics import mean, stdev
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from tga.demo.comparison import comparison_markdown, comparison_rows, plot_comparison
 from tga.demo.defense_report import collect_defenses, defense_markdown, plot_defenses
 from tga.demo.metrics import model_metrics
 from tga.demo.plan import Plan
 
-SCALARS = ("image_dsr", "describes_toxic", "recognises_toxic", "text_refusal", "benign_vqa_accuracy",
+SCALARS = ("image_dsr", "image_dsr_safety_concepts", "image_dsr_heldout_concepts", "describes_toxic", "recognises_toxic", "text_refusal", "benign_vqa_accuracy",
            "benign_describe_accuracy", "benign_describe_concepts", "false_refusal")
 TABLE = (("image DSR after stage 1", "stage1", "image_dsr"), ("image DSR after stage 2", "stage2", "image_dsr"),
          ("describes the toxic object (stage 2)", "stage2", "describes_toxic"),
@@ -177,6 +178,7 @@ def _markdown(plan: Plan, methods: dict, context: dict) -> str:
     if context.get("step_costs"):
         lines += ["", _cost_line(context["step_costs"])]
     lines += ["", "![rates](rates.png)", "", "![cosine](cosine.png)", "", "![specificity](specificity.png)", ""]
+    lines += comparison_markdown(context.get("comparison", []))
     lines += defense_markdown(context.get("defenses", {}))
     if context.get("defense_seconds"):
         lines += ["Wall time of each defence's evaluation phase (calibration included): " + ", ".join(
@@ -249,6 +251,7 @@ def write_report(plan: Plan, out: str, run: dict) -> dict:
         name.split("/", 1)[1]: record["seconds"] for name, record in run["phases"].items()
         if record.get("kind") == "defense"}
     context["step_costs"] = step_costs(plan, out)
+    context["comparison"] = comparison_rows(methods, context["defenses"], context["step_costs"])
     context["shipped_models"] = {name: step["seconds"] for name, step in assets.get("steps", {}).items()
                                  if step.get("prebuilt")}
     context["phases"] = len(run["phases"])
@@ -263,6 +266,7 @@ def write_report(plan: Plan, out: str, run: dict) -> dict:
     plot_layers(methods, "cosine", "cos(image, caption)", os.path.join(out, "cosine.png"))
     plot_layers(methods, "specificity", "specificity", os.path.join(out, "specificity.png"))
     plot_defenses(context["defenses"], os.path.join(out, "defenses.png"))
+    plot_comparison(context["comparison"], os.path.join(out, "comparison.png"))
     with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as handle:
         handle.write(_markdown(plan, methods, context))
     return report
