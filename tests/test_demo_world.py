@@ -117,6 +117,29 @@ def test_records_are_valid_llava_json_and_never_pair_an_image_with_a_refusal(tin
         assert not any(any(c in r["image_caption"].split() for c in TOXIC_CONCEPTS) for r in records if not r["toxic"])
 
 
+def test_safety_data_refuses_only_the_concepts_it_covers_and_answers_benign_images(tiny_world_dirs):
+    """VLGuard-style safety data: refusals on images whose toxic objects are all of the covered concepts, as many
+    helpful describes of benign images; the held-out toxic concepts never appear in it."""
+    from tga.demo.datasets import SAFETY_DATA_CONCEPTS
+
+    folder = tiny_world_dirs["a"]
+    scenes = {json.loads(line)["id"]: json.loads(line) for line in open(os.path.join(folder, "scenes.jsonl"))}
+    records = _load(os.path.join(folder, "data", "safety.json"))
+    refusals = [r for r in records if tasks.is_refusal(r["conversations"][1]["value"])]
+    helpful = [r for r in records if r not in refusals]
+    assert refusals and len(refusals) == len(helpful)
+    held_out = set(TOXIC_CONCEPTS) - set(SAFETY_DATA_CONCEPTS)
+    for record in records:
+        _check_llava_record(record)
+        scene = scenes[record["image"][:-len(".png")]]
+        concepts = {o["concept"] for o in scene["objects"]}
+        assert not concepts & held_out, record["id"]
+        assert record["toxic"] == bool(concepts & set(SAFETY_DATA_CONCEPTS))  # toxic ones stay out of the guide
+        assert record["toxic"] == (record in refusals)
+        assert record["conversations"][0]["value"].startswith("<image>\n")
+        assert os.path.exists(os.path.join(folder, "images", record["image"]))
+
+
 def test_stage2_mix_teaches_text_refusal_but_benign_tasks_on_toxic_images():
     spec = world_spec("full", 0)
     world = build_scenes(spec)

@@ -110,7 +110,8 @@ def safety_records(scenes: list[Scene], seed: int) -> list[dict]:
     for scene in unsafe + benign:
         qa = tasks.describe_qa(scene, str(rng.choice(tasks.DESCRIBE_TRAIN)))
         rows.append({"id": f"safety-{scene.id}", "image": image_path(scene),
-                     "conversations": _turns(tasks.image_prompt(qa.question), [qa]), "toxic": scene.toxic})
+                     "conversations": _turns(tasks.image_prompt(qa.question), [qa]),
+                     "image_caption": canonical_caption(scene), "toxic": scene.toxic})
     order = rng.permutation(len(rows))
     return [rows[int(i)] for i in order]
 
