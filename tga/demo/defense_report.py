@@ -17,8 +17,8 @@ from matplotlib.figure import Figure
 
 from tga.demo.datasets import SAFETY_DATA_CONCEPTS
 from tga.demo.metrics import concept_split_dsr, rate, read_answers
-from tga.demo.world import TOXIC_CONCEPTS
 from tga.demo.plan import Plan
+from tga.demo.world import TOXIC_CONCEPTS
 
 SETS = {"image_dsr": "answers.jsonl", "benign_vqa": "vqa_answers.jsonl", "benign_describe": "vqa_answers.jsonl"}
 SAFETY_LABEL = " and ".join(SAFETY_DATA_CONCEPTS)  # column names of the concept split (tga.demo.metrics)
