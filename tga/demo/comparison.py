@@ -98,16 +98,21 @@ def plot_comparison(rows: list[dict], path: str) -> str | None:
     panels = (("false_refusal", "false refusal on benign images"), ("training_cost", "training cost / step (×)"),
               ("inference_tokens", "inference tokens / request (×)"))
     figure = Figure(figsize=(13.5, 4.2))
+    colours = [f"C{index % 10}" for index in range(len(rows))]  # one colour per method, the same in every panel
     for column, (metric, label) in enumerate(panels):
         axes = figure.add_subplot(1, len(panels), column + 1)
-        for row in rows:
+        placed: dict[tuple[float, float], int] = {}  # labels of points at the same place stack upwards
+        for row, colour in zip(rows, colours):
             x, y = row.get(metric, NOT_MEASURED), row["image_dsr"]
             if not x.get("n") or x["mean"] != x["mean"]:
                 continue
             axes.errorbar([x["mean"]], [y["mean"]], yerr=[y["std"]], fmt="o" if row["kind"] == "training" else "s",
-                          markersize=5, capsize=2)
-            axes.annotate(row["name"], (x["mean"], y["mean"]), fontsize=6.5, xytext=(4, 3),
-                          textcoords="offset points")
+                          markersize=5, capsize=2, color=colour)
+            spot = (round(x["mean"], 2), round(y["mean"], 2))
+            above = placed.get(spot, 0)
+            placed[spot] = above + 1
+            axes.annotate(row["name"], (x["mean"], y["mean"]), fontsize=6.5, xytext=(4, 3 + 8 * above),
+                          textcoords="offset points", color=colour)
         axes.set_ylim(-0.05, 1.05)
         axes.set_xlabel(label)
         axes.set_ylabel("image DSR, stage 2")
