@@ -15,9 +15,14 @@ micro-batches hold different numbers of guide samples (toxic and caption-less re
 No step reads a device value back to the host: metrics are summed on the device (`DeviceMeans`) and read at logging
 steps; the specificity diagnostic is computed only on the micro-batches of a logging step.
 
+Where the caption pass runs (`--tga_caption_pass`, `tga.align.shared_pass.caption_pass_mode`): read from a bank;
+riding the training forward (`shared`: the trainer wraps its forward in `Guide.riding`, and each decoder layer takes
+the captions while it is gathered, no extra ZeRO-3 gather); or a separate pass after it (`separate`, and any call
+made outside a ridden forward).
+
 [IMPORTANT] Under multi-rank ZeRO-3 every rank must run the same modules in the same order (parameters are gathered
-with collectives): a rank without guide samples still runs the caption pass (one token, weight 0), and the autograd
-graph has the same structure whatever the batch holds.
+with collectives): with the separate pass a rank without guide samples still runs it (one token, weight 0); the
+shared pass runs no module of its own. The autograd graph has the same structure whatever the batch holds.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from tga.align.bank import open_or_build
 from tga.align.centering import CaptionCenter
 from tga.align.pooling import pool_layers
+from tga.align.shared_pass import SharedCaptionPass, caption_pass_mode
 from tga.align.tga_loss import guide_loss
 from tga.errors import ConfigError
 from tga.model.text_states import supports_partial_pass, text_hidden_states
@@ -56,6 +63,7 @@ class GuideSettings:
     center_momentum: float = 0.99
     bank: str | None = None  # caption-state bank folder (tga.align.bank), for a target that cannot change
     bank_dtype: str = "float16"
+    caption_pass: str = "auto"  # auto | bank | shared | separate (tga.align.shared_pass)
 
     def __post_init__(self):
         for option, value in (("--tga_pair_weight", self.pair_weight), ("--tga_hinge_weight", self.hinge_weight)):
@@ -90,6 +98,12 @@ class Guide:
             live = model.model.language_model
             if any(p.requires_grad for p in live.parameters()):  # a frozen LLM (stage 1) is its own frozen target
                 self.frozen_language_model = copy.deepcopy(live).eval().requires_grad_(False)
+        live = model.model.language_model
+        self.caption_pass, why = caption_pass_mode(settings.caption_pass, bank=settings.bank is not None,
+                                                   frozen=self.frozen_language_model is not None, language_model=live)
+        if why:
+            logger.warning("TGA caption pass: separate, not shared with the training forward: %s", why)
+        self.shared = SharedCaptionPass(live, max(self.layers)) if self.caption_pass == "shared" else None
         self.metrics = DeviceMeans()
         self.caption_token_count: torch.Tensor | int = 0  # tokens through the caption pass, summed on the device
         # The optimizer step now running (start_step): guide samples over its micro-batches (and ranks), ranks
@@ -156,6 +170,12 @@ class Guide:
                                   dtype=self.settings.bank_dtype, pad_token_id=self.pad_token_id, rank=rank,
                                   world_size=world_size, resuming=resuming)
 
+    def riding(self, extras: dict):
+        """Context for the training forward of a micro-batch: the shared caption pass runs inside it."""
+        if self.shared is None:
+            return nullcontext()
+        return self.shared.riding(extras.get("caption_input_ids"), extras.get("caption_attention_mask"))
+
     # ---- cost (tga.train.cost) ----
     def caption_tokens(self) -> int:
         """Tokens this rank ran through the caption pass so far (reads the device: call at the end)."""
@@ -176,7 +196,8 @@ class Guide:
     def caption_states(self, model, extras: dict, hidden_size: int, device) -> torch.Tensor:
         """Pooled caption states [L, G, H] from a no-grad text pass of the target LLM.
 
-        With no guide sample (G = 0) the pass still runs on one token when every rank must run the same modules.
+        With no guide sample (G = 0) the separate pass still runs on one token when every rank must run the same
+        modules.
         """
         if self.bank is not None:  # the target read from the bank: no caption pass
             ids = extras.get("guide_ids") or []
@@ -189,10 +210,12 @@ class Guide:
         else:
             ids = torch.full((1, 1), self.pad_token_id, device=device)
             attention, mask = torch.ones_like(ids, dtype=torch.bool), None
-        if mask is not None or self.always_run_all_modules:
-            self.caption_token_count = self.caption_token_count + attention.sum()
+        hidden = self.shared.take() if self.shared is not None else None  # None: no ridden forward (a direct call)
+        if hidden is None and (mask is not None or self.always_run_all_modules):
             with torch.no_grad():  # stops after the deepest target layer: the layers above cannot change its states
                 hidden = text_hidden_states(language_model, ids, attention, depth=max(self.layers))
+        if hidden:  # a pass ran (a ridden forward without captions gives an empty tuple)
+            self.caption_token_count = self.caption_token_count + attention.sum()
         if mask is None:
             return torch.zeros(len(self.layers), 0, hidden_size, device=device)
         return pool_layers(hidden, self.layers, mask)
@@ -286,3 +309,4 @@ class Guide:
         with torch.no_grad():
             self.center.mean.copy_(state["center.mean"].to(self.center.mean.device))
             self.center._initialized.fill_(bool(state["center.initialized"].item()))
+
