@@ -129,3 +129,127 @@ def test_guide_falls_back_to_the_separate_pass_with_one_notice(tiny_assets, capl
     assert len(notices) == 1 and "\n" not in notices[0] and "--tga_target frozen" in notices[0]
     live = Guide(GuideSettings(layers=[1, 2]), model, pad_token_id=tokenizer.pad_token_id)
     assert live.caption_pass == "shared" and live.shared is not None
+
+
+def finetune(tiny_assets, tmp_path, name, *flags):
+    """The tiny TGA stage-2 recipe in one process (no DeepSpeed, a fresh projector), 3 steps, gradient checkpointing."""
+    import json
+    import os
+
+    import yaml
+    from safetensors.torch import load_file
+
+    from tga.options import load_config
+    from tga.train.run import run_stage
+
+    recipe = load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs/finetune/tiny_cpu_tga.yaml"))
+    for key in ("deepspeed", "pretrain_mm_mlp_adapter"):
+        recipe.pop(key)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**recipe, "data_path": tiny_assets["stage2"], "image_folder": tiny_assets["image_folder"],
+                                    "model_name_or_path": tiny_assets["llm"], "vision_tower": tiny_assets["vision"],
+                                    "output_dir": str(tmp_path / name), "max_steps": 3, "gradient_checkpointing": True,
+                                    "group_by_modality_length": False}))
+    out = run_stage("finetune", [str(path), *flags])
+    with open(os.path.join(out, "trainer_state.json"), encoding="utf-8") as handle:
+        history = [entry for entry in json.load(handle)["log_history"] if "loss" in entry]
+    with open(os.path.join(out, "cost.json"), encoding="utf-8") as handle:
+        tokens = json.load(handle)["tokens"]
+    return history, load_file(os.path.join(out, "model.safetensors")), tokens
+
+
+def test_trainer_steps_are_the_same_with_the_shared_and_the_separate_pass(tiny_assets, tmp_path, monkeypatch):
+    """Three optimizer steps: the same losses, guide metrics, caption-token count and weights, bit for bit (the
+    weights after AdamW steps equal only if every step's gradients did)."""
+    with monkeypatch.context() as patch:  # the shared run never falls back to the separate pass
+        patch.setattr("tga.align.guide.text_hidden_states", lambda *a, **k: pytest.fail("separate pass ran"))
+        shared = finetune(tiny_assets, tmp_path, "shared", "--tga_caption_pass", "auto")
+    separate = finetune(tiny_assets, tmp_path, "separate", "--tga_caption_pass", "separate")
+
+    def compared(history):
+        return [{k: v for k, v in entry.items() if k in ("loss", "grad_norm") or k.startswith("tga/")}
+                for entry in history]
+
+    assert len(shared[0]) == 3 and "tga/guide_loss" in shared[0][0] and "tga/cos_ic/L3" in shared[0][0]
+    assert compared(shared[0]) == compared(separate[0])
+    assert shared[1].keys() == separate[1].keys()
+    assert all(torch.equal(shared[1][name], separate[1][name]) for name in shared[1])
+    assert shared[2] == separate[2] and shared[2]["reference"] > 0
+
+
+# ---------------------------------------------------------------------------------------------- 2 ranks, DeepSpeed
+
+NO_REUSE = {"stage3_param_persistence_threshold": 0, "stage3_max_live_parameters": 0, "stage3_max_reuse_distance": 0,
+            "stage3_prefetch_bucket_size": 0}  # every layer gathered for each use: the regime of a 7B model
+
+
+def _gathered_bytes(dist) -> int:
+    return sum(size * record[0] for name, sizes in dist.comms_logger.comms_dict.items() if "all_gather" in name
+               for size, record in sizes.items())
+
+
+def _rank_worker(rank: int, port: int, out_dir: str) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import deepspeed
+    import deepspeed.comm as dist
+
+    from tga.train.distributed import cpu_comm_buffer_path, release_cpu_comm_buffer
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    results = {}
+    try:
+        for stage in (0, 2, 3):
+            torch.manual_seed(0)
+            model = MistralModel(MistralConfig(**SIZES)).train()
+            shared = SharedCaptionPass(model, 3, zero3=stage == 3)  # before the engine: the leaf marks
+            config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage, **NO_REUSE},
+                      "comms_logger": {"enabled": True, "prof_all": True, "verbose": False},
+                      "zero_allow_untested_optimizer": True}
+            engine, *_ = deepspeed.initialize(model=model, config=config,
+                                              optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+            torch.manual_seed(10 + rank)  # each rank its own batches; rank 1 has no captions at its second step
+            steps = [batches(), batches()]
+            for step, (ids, attention, captions, caption_attention) in enumerate(steps):
+                has_captions = rank == 0 or step == 0
+                before = _gathered_bytes(dist)
+                with shared.riding(captions if has_captions else None, caption_attention):
+                    output = engine(input_ids=ids, attention_mask=attention).last_hidden_state
+                ridden_bytes = _gathered_bytes(dist) - before
+                ridden = shared.take()
+                with torch.no_grad():  # the separate pass (every rank runs it under ZeRO-3: one token without captions)
+                    separate = text_hidden_states(engine.module, captions if has_captions else captions[:1, :1],
+                                                  caption_attention if has_captions else None, 3)
+                before = _gathered_bytes(dist)
+                with torch.no_grad():
+                    engine(input_ids=ids, attention_mask=attention)  # a plain forward, no caption pass
+                plain_bytes = _gathered_bytes(dist) - before
+                engine.backward(output.square().mean())
+                engine.step()
+                results[f"{stage}/{step}"] = {
+                    "equal": bool(ridden) and all(torch.equal(a, b) for a, b in zip(ridden, separate, strict=True)),
+                    "empty": ridden == (), "ridden_bytes": ridden_bytes, "plain_bytes": plain_bytes}
+            dist.comms_logger.comms_dict.clear()
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        release_cpu_comm_buffer(cpu_comm_buffer_path())
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_ranks_ride_bit_for_bit_under_zero_0_2_3_without_extra_gathers(tmp_path):
+    """One launch of 2 CPU ranks (gloo): ZeRO-0, 2 and 3 in turn. The ridden states equal the separate pass's; a rank
+    without captions arms nothing and the ranks stay in step; under ZeRO-3 (nothing kept live) the ridden forward
+    gathers exactly the bytes of a plain forward."""
+    from tga.train.distributed import free_port
+
+    torch.multiprocessing.spawn(_rank_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    for stage in (0, 2, 3):
+        assert results[0][f"{stage}/0"]["equal"] and results[0][f"{stage}/1"]["equal"]
+        assert results[1][f"{stage}/0"]["equal"] and results[1][f"{stage}/1"]["empty"]
+    for step in range(2):
+        zero3 = results[0][f"3/{step}"]
+        assert zero3["plain_bytes"] > 0 and zero3["ridden_bytes"] == zero3["plain_bytes"]
