@@ -8,8 +8,9 @@ wider one, side by side in one run.
 Bytes come from DeepSpeed's own communication logger (`comms_logger` in the DeepSpeed config, every op profiled):
 the summed message size of every `all_gather*` op on rank 0, which under ZeRO-3 is the parameter gathers (the
 gradients move by reduce-scatter). Per optimizer step = (total after 12 steps - total after 6 steps) / 6, which
-removes the gathers of start-up and of the final save; the step time is the same difference of the Trainer's
-`train_runtime`. Two ZeRO-3 regimes:
+removes the gathers of start-up and of the final save. The step time is the median of the Trainer's logged
+`throughput/seconds_per_step` over steps 3 .. 12 of the 12-step run (every step logged; the first steps, which
+build DeepSpeed's trace, are left out). Two ZeRO-3 regimes:
 
   no-reuse   nothing kept live between uses (`stage3_param_persistence_threshold`, `stage3_max_live_parameters`,
              `stage3_max_reuse_distance`, `stage3_prefetch_bucket_size` all 0): the regime of a 7B model, whose
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -74,7 +76,7 @@ def run_stage(assets: dict, ds_config: str, flags: list[str], steps: int, out_di
         "--model_name_or_path", assets["llm"], "--vision_tower", assets["vision"], "--pretrain_mm_mlp_adapter", "",
         "--data_path", assets["stage2"], "--image_folder", assets["image_folder"], "--output_dir", out_dir,
         "--deepspeed", ds_config, "--max_steps", str(steps), "--num_train_epochs", "100", *flags,
-        "--logging_steps", "100", "--group_by_modality_length", "false",
+        "--logging_steps", "1", "--group_by_modality_length", "false",
     ]
     completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -97,9 +99,11 @@ def worker(result_file: str, argv: list[str]) -> None:
     gathered = sum(size * record[0] for name, sizes in dist.comms_logger.comms_dict.items() if "all_gather" in name
                    for size, record in sizes.items())
     with open(os.path.join(output_dir, "trainer_state.json"), encoding="utf-8") as handle:
-        runtime = next(entry["train_runtime"] for entry in json.load(handle)["log_history"] if "train_runtime" in entry)
+        seconds = [entry["throughput/seconds_per_step"] for entry in json.load(handle)["log_history"]
+                   if entry.get("step", 0) > 2 and "throughput/seconds_per_step" in entry]
     with open(result_file, "w", encoding="utf-8") as handle:
-        json.dump({"all_gather_bytes": gathered, "train_runtime": runtime}, handle)
+        json.dump({"all_gather_bytes": gathered, "seconds_per_step": statistics.median(seconds) if seconds else None},
+                  handle)
 
 
 def measure(model: str, regime: str, folder: str) -> dict:
@@ -111,7 +115,7 @@ def measure(model: str, regime: str, folder: str) -> dict:
                 for steps in STEPS}
         span = STEPS[1] - STEPS[0]
         row[f"{method}_mb_per_step"] = (runs[STEPS[1]]["all_gather_bytes"] - runs[STEPS[0]]["all_gather_bytes"]) / span / 1e6
-        row[f"{method}_s_per_step"] = (runs[STEPS[1]]["train_runtime"] - runs[STEPS[0]]["train_runtime"]) / span
+        row[f"{method}_s_per_step"] = runs[STEPS[1]]["seconds_per_step"]
     for method in ("separate", "shared"):
         row[f"{method}_bytes_ratio"] = row[f"{method}_mb_per_step"] / row["plain_mb_per_step"]
         row[f"{method}_time_ratio"] = row[f"{method}_s_per_step"] / row["plain_s_per_step"]

@@ -94,11 +94,10 @@ class Guide:
         self.frozen_language_model = None
         self.bank = None  # opened (or built) at train start: prepare_bank
         self.bank_rows = None  # () -> [(record id, caption ids, caption mask)], set by whoever owns the data
+        live = model.model.language_model
         if settings.target == "frozen" and settings.bank is None:  # with a bank, the bank is the frozen target
-            live = model.model.language_model
             if any(p.requires_grad for p in live.parameters()):  # a frozen LLM (stage 1) is its own frozen target
                 self.frozen_language_model = copy.deepcopy(live).eval().requires_grad_(False)
-        live = model.model.language_model
         self.caption_pass, why = caption_pass_mode(settings.caption_pass, bank=settings.bank is not None,
                                                    frozen=self.frozen_language_model is not None, language_model=live)
         if why:
@@ -309,4 +308,3 @@ class Guide:
         with torch.no_grad():
             self.center.mean.copy_(state["center.mean"].to(self.center.mean.device))
             self.center._initialized.fill_(bool(state["center.initialized"].item()))
-
