@@ -95,6 +95,7 @@ class TGAArguments:
     tga_hinge_weight: float | None = option(None, "Weight of the retrieved-text hinge term (default: the form's, 1 or 1/10 for released).")
     tga_bank: str | None = option(None, "Caption-state bank folder: caption states computed once (built if missing) where the target is fixed (stage 1, --tga_target frozen).")
     tga_bank_dtype: str = option("float16", "Storage dtype of --tga_bank.", choices=["float16", "float32", "bfloat16"])
+    tga_caption_pass: str = option("auto", "Where the caption states come from: the bank (--tga_bank), a pass riding the training forward (shared: no extra ZeRO-3 gathers; llama/mistral, live target), or a separate pass; auto picks in that order.", choices=["auto", "bank", "shared", "separate"])
     tga_center_momentum: float = option(0.99, "EMA momentum of the caption centre of --tga_center, in [0, 1).")
     # fmt: on
 

@@ -5,13 +5,17 @@ of one layer share a dominant direction (format, norm), so an uncentred cosine b
 states mostly rewards that shared direction; subtracting the running caption mean first makes the cosine
 measure content. The mean is an exponential moving average kept in a float32 buffer (saved with a state
 dict); under torch.distributed every rank folds in the same all-reduced batch mean, so all ranks hold the
-same centre. An update never reads a value back to the host (no device synchronisation per step).
+same centre. An update never reads a value back to the host (no device synchronisation per step). `save` /
+`load` keep it in a checkpoint (`tga.align.guide`).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from tga.errors import ConfigError
@@ -85,3 +89,22 @@ class CaptionCenter(nn.Module):
     def forward(self) -> Tensor:
         """Return the current centre [L, H] (float32)."""
         return self.mean.float()
+
+    def save(self, path: str, layers: list[int]) -> str:
+        """Write the centre to a safetensors file, atomically (whole or absent); `layers` go into its metadata."""
+        tensors = {"center.mean": self.mean.detach().float().cpu().contiguous(),
+                   "center.initialized": self._initialized.detach().cpu().reshape(1)}
+        temporary = f"{path}.tmp-{os.getpid()}"
+        save_file(tensors, temporary, metadata={"layers": ",".join(map(str, layers))})
+        os.replace(temporary, path)
+        return path
+
+    def load(self, path: str) -> None:
+        """Restore a centre written by `save`; one of another shape (other --tga_layers or model) is refused."""
+        state = load_file(path)
+        if tuple(state["center.mean"].shape) != tuple(self.mean.shape):
+            raise ConfigError(f"--tga_layers: {path} holds a caption centre of shape "
+                              f"{tuple(state['center.mean'].shape)}, this run needs {tuple(self.mean.shape)}")
+        with torch.no_grad():
+            self.mean.copy_(state["center.mean"].to(self.mean.device))
+            self._initialized.fill_(bool(state["center.initialized"].item()))

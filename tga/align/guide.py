@@ -15,9 +15,14 @@ micro-batches hold different numbers of guide samples (toxic and caption-less re
 No step reads a device value back to the host: metrics are summed on the device (`DeviceMeans`) and read at logging
 steps; the specificity diagnostic is computed only on the micro-batches of a logging step.
 
+Where the caption pass runs (`--tga_caption_pass`, `tga.align.shared_pass.caption_pass_mode`): read from a bank;
+riding the training forward (`shared`: the trainer wraps its forward in `Guide.riding`, and each decoder layer takes
+the captions while it is gathered, no extra ZeRO-3 gather); or a separate pass after it (`separate`, and any call
+made outside a ridden forward).
+
 [IMPORTANT] Under multi-rank ZeRO-3 every rank must run the same modules in the same order (parameters are gathered
-with collectives): a rank without guide samples still runs the caption pass (one token, weight 0), and the autograd
-graph has the same structure whatever the batch holds.
+with collectives): with the separate pass a rank without guide samples still runs it (one token, weight 0); the
+shared pass runs no module of its own. The autograd graph has the same structure whatever the batch holds.
 """
 
 from __future__ import annotations
@@ -25,15 +30,16 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from tga.align.bank import open_or_build
 from tga.align.centering import CaptionCenter
 from tga.align.pooling import pool_layers
 from tga.align.request_guide import request_guide_loss
+from tga.align.shared_pass import SharedCaptionPass, caption_pass_mode
 from tga.align.tga_loss import guide_loss
 from tga.errors import ConfigError
 from tga.model.text_states import supports_partial_pass, text_hidden_states
@@ -57,6 +63,7 @@ class GuideSettings:
     center_momentum: float = 0.99
     bank: str | None = None  # caption-state bank folder (tga.align.bank), for a target that cannot change
     bank_dtype: str = "float16"
+    caption_pass: str = "auto"  # auto | bank | shared | separate (tga.align.shared_pass)
 
     def __post_init__(self):
         for option, value in (("--tga_pair_weight", self.pair_weight), ("--tga_hinge_weight", self.hinge_weight)):
@@ -87,10 +94,15 @@ class Guide:
         self.frozen_language_model = None
         self.bank = None  # opened (or built) at train start: prepare_bank
         self.bank_rows = None  # () -> [(record id, caption ids, caption mask)], set by whoever owns the data
+        live = model.model.language_model
         if settings.target == "frozen" and settings.bank is None:  # with a bank, the bank is the frozen target
-            live = model.model.language_model
             if any(p.requires_grad for p in live.parameters()):  # a frozen LLM (stage 1) is its own frozen target
                 self.frozen_language_model = copy.deepcopy(live).eval().requires_grad_(False)
+        self.caption_pass_mode, why = caption_pass_mode(settings.caption_pass, bank=settings.bank is not None,
+                                                   frozen=self.frozen_language_model is not None, language_model=live)
+        if why:
+            logger.warning("TGA caption pass: separate, not shared with the training forward: %s", why)
+        self.shared = SharedCaptionPass(live, max(self.layers)) if self.caption_pass_mode == "shared" else None
         self.metrics = DeviceMeans()
         self.caption_token_count: torch.Tensor | int = 0  # tokens through the caption pass, summed on the device
         # The optimizer step now running (start_step): guide samples over its micro-batches (and ranks), ranks
@@ -157,6 +169,12 @@ class Guide:
                                   dtype=self.settings.bank_dtype, pad_token_id=self.pad_token_id, rank=rank,
                                   world_size=world_size, resuming=resuming)
 
+    def riding(self, extras: dict):
+        """Context for the training forward of a micro-batch: the shared caption pass runs inside it."""
+        if self.shared is None:
+            return nullcontext()
+        return self.shared.riding(extras.get("caption_input_ids"), extras.get("caption_attention_mask"))
+
     # ---- cost (tga.train.cost) ----
     def caption_tokens(self) -> int:
         """Tokens this rank ran through the caption pass so far (reads the device: call at the end)."""
@@ -177,7 +195,8 @@ class Guide:
     def caption_states(self, model, extras: dict, hidden_size: int, device) -> torch.Tensor:
         """Pooled caption states [L, G, H] from a no-grad text pass of the target LLM.
 
-        With no guide sample (G = 0) the pass still runs on one token when every rank must run the same modules.
+        With no guide sample (G = 0) the separate pass still runs on one token when every rank must run the same
+        modules.
         """
         if self.bank is not None:  # the target read from the bank: no caption pass
             ids = extras.get("guide_ids") or []
@@ -188,21 +207,26 @@ class Guide:
         return pool_layers(hidden, self.layers, extras["caption_mask"])
 
     def caption_pass(self, model, extras: dict, device) -> tuple[torch.Tensor, ...] | None:
-        """Hidden states [G, Tc, H] by layer (up to the deepest target layer) of the no-grad caption pass; None when
-        this micro-batch has no guide sample and no rank needs the pass."""
+        """Hidden states [G, Tc, H] by layer (up to the deepest target layer) of the no-grad caption pass: the states
+        the ridden training forward took (shared pass), else a separate pass; None when this micro-batch has no guide
+        sample and no rank needs a pass."""
         language_model = self.frozen_language_model or model.model.language_model
         if self.frozen_language_model is not None and next(language_model.parameters()).device != device:
             language_model.to(device)
+        ids = attention = None
         if "caption_input_ids" in extras:
             ids, attention = extras["caption_input_ids"], extras["caption_attention_mask"]
-        elif self.always_run_all_modules:
+        elif self.always_run_all_modules:  # the separate pass on one token: every rank runs the same modules
             ids = torch.full((1, 1), self.pad_token_id, device=device)
             attention = torch.ones_like(ids, dtype=torch.bool)
-        else:
+        hidden = self.shared.take() if self.shared is not None else None  # None: no ridden forward (a direct call)
+        if hidden is None and ids is not None:
+            with torch.no_grad():  # stops after the deepest target layer: the layers above cannot change its states
+                hidden = text_hidden_states(language_model, ids, attention, depth=max(self.layers))
+        if not hidden:  # no pass ran (a ridden forward without captions gives an empty tuple)
             return None
         self.caption_token_count = self.caption_token_count + attention.sum()
-        with torch.no_grad():  # stops after the deepest target layer: the layers above cannot change its states
-            return text_hidden_states(language_model, ids, attention, depth=max(self.layers))
+        return hidden
 
     def loss(self, model, hidden_states, extras: dict, *, progress: float = 0.0,
              diagnostics: bool = True) -> tuple[torch.Tensor, dict]:
@@ -270,15 +294,7 @@ class Guide:
     # ---- checkpoint state ----
     def save(self, folder: str) -> str | None:
         """Write the state a resumed run needs (the caption centre) into a checkpoint folder; returns the path."""
-        if self.center is None:
-            return None
-        path = os.path.join(folder, GUIDE_STATE_FILE)
-        tensors = {"center.mean": self.center.mean.detach().float().cpu().contiguous(),
-                   "center.initialized": self.center._initialized.detach().cpu().reshape(1)}
-        temporary = f"{path}.tmp-{os.getpid()}"
-        save_file(tensors, temporary, metadata={"layers": ",".join(map(str, self.layers))})
-        os.replace(temporary, path)  # whole or absent
-        return path
+        return self.center.save(os.path.join(folder, GUIDE_STATE_FILE), self.layers) if self.center else None
 
     def load(self, folder: str) -> None:
         """Restore the state saved by `save` (every rank reads the same file, so every rank holds the same centre)."""
@@ -289,10 +305,4 @@ class Guide:
             logger.warning("%s has no %s (written before the caption centre was checkpointed): the centre restarts",
                            folder, GUIDE_STATE_FILE)
             return
-        state = load_file(path)
-        if tuple(state["center.mean"].shape) != tuple(self.center.mean.shape):
-            raise ConfigError(f"--tga_layers: {path} holds a caption centre of shape "
-                              f"{tuple(state['center.mean'].shape)}, this run needs {tuple(self.center.mean.shape)}")
-        with torch.no_grad():
-            self.center.mean.copy_(state["center.mean"].to(self.center.mean.device))
-            self.center._initialized.fill_(bool(state["center.initialized"].item()))
+        self.center.load(path)

@@ -43,14 +43,23 @@ def text_hidden_states(language_model, input_ids: torch.Tensor, attention_mask: 
         return language_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
                               use_cache=False).hidden_states
     embeds = language_model.embed_tokens(input_ids)
+    inputs = layer_inputs(language_model, embeds, attention_mask)
+    states = [embeds]
+    for layer in language_model.layers[:depth]:
+        states.append(layer(states[-1], **inputs))
+    return tuple(states)
+
+
+def layer_inputs(language_model, embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> dict:
+    """The keyword inputs the model's forward gives every decoder layer for these embeddings: the causal mask, the
+    position ids and the rotary position embeddings (also used by the caption pass that rides the training forward,
+    `tga.align.shared_pass`). The rotary module holds no parameters; its `forward` is called without module hooks so
+    that a pass inside another forward adds no module to a ZeRO-3 trace."""
+    config = language_model.config
     position_ids = torch.arange(embeds.shape[1], device=embeds.device).unsqueeze(0)
     # the mask function the model's own forward picks (Mistral v0.1 configs carry a sliding window)
     make_mask = create_causal_mask if getattr(config, "sliding_window", None) is None else create_sliding_window_causal_mask
     mask = make_mask(config=config, inputs_embeds=embeds, attention_mask=attention_mask, past_key_values=None,
                      position_ids=position_ids)
-    position_embeddings = language_model.rotary_emb(embeds, position_ids=position_ids)
-    states = [embeds]
-    for layer in language_model.layers[:depth]:
-        states.append(layer(states[-1], attention_mask=mask, position_ids=position_ids,
-                            position_embeddings=position_embeddings))
-    return tuple(states)
+    position_embeddings = language_model.rotary_emb.forward(embeds, position_ids=position_ids)
+    return {"attention_mask": mask, "position_ids": position_ids, "position_embeddings": position_embeddings}

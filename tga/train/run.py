@@ -112,7 +112,7 @@ def guide_settings(tga_args, model) -> GuideSettings | None:
                          target=tga_args.tga_target, center=tga_args.tga_center,
                          pair_weight=tga_args.tga_pair_weight, hinge_weight=tga_args.tga_hinge_weight,
                          center_momentum=tga_args.tga_center_momentum, bank=tga_args.tga_bank,
-                         bank_dtype=tga_args.tga_bank_dtype)
+                         bank_dtype=tga_args.tga_bank_dtype, caption_pass=tga_args.tga_caption_pass)
 
 
 def write_resolved_config(output_dir: str, stage: str, argv: list[str], *arg_objects) -> dict:

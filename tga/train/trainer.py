@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from contextlib import nullcontext
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -126,9 +127,12 @@ class TGATrainer(Trainer):
         extras = {key: inputs.pop(key) for key in BATCH_EXTRAS if key in inputs}
         if self.guide is not None:
             inputs["output_hidden_states"] = True
-        if self.always_run_all_modules:
-            inputs = self.embed_multimodal(model, inputs)
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        # the shared caption pass (tga.align.shared_pass) runs inside this forward, layer by layer
+        with self.guide.riding(extras) if self.guide is not None else nullcontext():
+            if self.always_run_all_modules:
+                inputs = self.embed_multimodal(model, inputs)
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
         if self.guide is not None:
             loss = loss + self.guide(
                 self.accelerator.unwrap_model(model), outputs.hidden_states, extras, progress=self.step_ratio(),
