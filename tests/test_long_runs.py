@@ -12,17 +12,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny_parts import tiny_model_and_builder
 from transformers import TrainerCallback
 
 from tga.align.bank import caption_rows, data_fingerprint, model_fingerprint, open_or_build
 from tga.config import TrainingArguments, parse_config
 from tga.data.collator import VLMCollator
-from tga.data.dataset import SampleBuilder
 from tga.data.records import load_records
-from tga.data.templates import get_template
 from tga.errors import ConfigError
-from tga.model.tokenizer import image_token_id, load_tokenizer
-from tga.model.vision import load_image_processor
 from tga.model.vlm import build_vlm
 from tga.train.run import guide_settings
 from tga.train.running_means import RunningMeans
@@ -32,13 +29,7 @@ from tga.train.trainer import GuideSettings, TGATrainer
 
 @pytest.fixture(scope="module")
 def parts(tiny_assets):
-    tokenizer = load_tokenizer(tiny_assets["llm"])
-    torch.manual_seed(0)
-    probe = build_vlm(tiny_assets["llm"], tiny_assets["vision"], tokenizer)
-    builder = SampleBuilder(tokenizer=tokenizer, template=get_template("llava_llama_2"),
-                            image_processor=load_image_processor(tiny_assets["vision"]),
-                            image_folder=tiny_assets["image_folder"], image_token_id=image_token_id(tokenizer),
-                            num_image_tokens=probe.config.image_seq_length, use_retrieved=True, caption_target=True)
+    tokenizer, _, builder = tiny_model_and_builder(tiny_assets, use_retrieved=True, caption_target=True)
     records = load_records(tiny_assets["stage2"])
     guided = [r for r in records if r.image and r.caption and not r.toxic]
     unguided = [r for r in records if r.image is None]

@@ -9,18 +9,14 @@ import os
 import pytest
 import torch
 import yaml
+from tiny_parts import tiny_model_and_builder
 
 from tga.align.request_guide import request_guide_loss, request_token_loss
 from tga.config import DataArguments, ModelArguments, TGAArguments, TrainingArguments, check_config
 from tga.data.collator import VLMCollator
-from tga.data.dataset import SampleBuilder
 from tga.data.records import load_records
-from tga.data.templates import get_template
 from tga.errors import ConfigError
 from tga.model.text_states import text_hidden_states
-from tga.model.tokenizer import image_token_id, load_tokenizer
-from tga.model.vision import load_image_processor
-from tga.model.vlm import build_vlm
 from tga.options import load_config
 from tga.train.run import run_stage
 from tga.train.stages import apply_stage, trainable_components
@@ -73,14 +69,8 @@ def test_gradient_reaches_the_image_pass_only_at_request_tokens():
 
 @pytest.fixture(scope="module")
 def tiny(tiny_assets):
-    tokenizer = load_tokenizer(tiny_assets["llm"])
-    torch.manual_seed(0)
-    model = build_vlm(tiny_assets["llm"], tiny_assets["vision"], tokenizer)
-    builder = SampleBuilder(tokenizer=tokenizer, template=get_template("llava_llama_2"),
-                            image_processor=load_image_processor(tiny_assets["vision"]),
-                            image_folder=tiny_assets["image_folder"], image_token_id=image_token_id(tokenizer),
-                            num_image_tokens=model.config.image_seq_length, use_retrieved=True, caption_target=True,
-                            caption_context="request", request_guide=True)
+    tokenizer, model, builder = tiny_model_and_builder(tiny_assets, use_retrieved=True, caption_target=True,
+                                                       caption_context="request", request_guide=True)
     return model, tokenizer, builder, load_records(tiny_assets["stage2"])[:8]
 
 

@@ -3,17 +3,14 @@ the vision tower; the caption pass and masks select the intended states."""
 
 import pytest
 import torch
+from tiny_parts import tiny_model_and_builder
 from transformers import TrainerState
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from tga.align import pool_layers
 from tga.config import TrainingArguments
 from tga.data.collator import VLMCollator
-from tga.data.dataset import SampleBuilder
 from tga.data.records import load_records
-from tga.data.templates import get_template
-from tga.model.tokenizer import image_token_id, load_tokenizer
-from tga.model.vision import load_image_processor
 from tga.model.vlm import build_vlm
 from tga.train.stages import apply_stage, trainable_components
 from tga.train.throughput import Throughput
@@ -22,13 +19,7 @@ from tga.train.trainer import BATCH_EXTRAS, GuideSettings, TGATrainer
 
 @pytest.fixture(scope="module")
 def setup(tiny_assets, tmp_path_factory):
-    tokenizer = load_tokenizer(tiny_assets["llm"])
-    torch.manual_seed(0)
-    model = build_vlm(tiny_assets["llm"], tiny_assets["vision"], tokenizer)
-    builder = SampleBuilder(tokenizer=tokenizer, template=get_template("llava_llama_2"),
-                            image_processor=load_image_processor(tiny_assets["vision"]),
-                            image_folder=tiny_assets["image_folder"], image_token_id=image_token_id(tokenizer),
-                            num_image_tokens=model.config.image_seq_length, use_retrieved=True, caption_target=True)
+    tokenizer, model, builder = tiny_model_and_builder(tiny_assets, use_retrieved=True, caption_target=True)
     records = load_records(tiny_assets["stage2"])[:8]
     batch = VLMCollator(tokenizer.pad_token_id)([builder.build(r) for r in records])
     batch["records"] = records
