@@ -146,6 +146,19 @@ def test_every_method_and_defence_side_by_side_with_the_concept_split(reduced_de
     assert costs["safety"]["samples"] > costs["llava"]["samples"]
 
 
+def test_a_relative_and_an_absolute_out_folder_name_the_same_phases(tmp_path, monkeypatch, capsys):
+    """Phase keys hash the commands, which name the run folder: `runs/x` and its absolute spelling must give the same
+    commands, or a rerun spelled the other way redoes every phase."""
+    monkeypatch.chdir(tmp_path)
+    plan = os.path.join(SHIPPED, "study.yaml")
+    listings = []
+    for out in ("runs/x", str(tmp_path / "runs" / "x")):
+        assert main(["sweep", plan, "--out", out, "--methods", "llava", "--dry_run"]) == 0
+        listings.append([line for line in capsys.readouterr().out.splitlines() if line.startswith("  tga ")])
+    assert listings[0] and listings[0] == listings[1]
+    assert str(tmp_path / "runs" / "x" / "seed0") in "\n".join(listings[0])
+
+
 def test_an_asset_option_naming_no_file_of_the_world_is_refused(tmp_path):
     from tga.demo.pipeline import stage_flags
 

@@ -229,6 +229,7 @@ def dry_run_lines(plan: Plan, out: str, train_models: bool = False) -> list[str]
     folder is built)."""
     from tga.demo.assets import matching_prebuilt
 
+    out = os.path.abspath(out)
     lines = [f"plan: {plan.source} ({len(plan.methods)} methods x {len(plan.seeds)} seeds; world {plan.assets_size}, "
              f"seed {plan.assets_seed})"]
     lines += [f"recipe {stage}: {path}" for stage, path in plan.configs.items()]
@@ -260,6 +261,7 @@ def run_plan(plan: Plan, out: str, runner: Callable[[list[str]], int], progress:
         jobs: phases run side by side, each command in its own process (`tga.demo.parallel`).
         train_models: train the world's CLIP and LLM even when shipped ones match (`tga demo-assets --train_models`).
     """
+    out = os.path.abspath(out)  # the commands (and so the phase keys) name it: `runs/x` and `/abs/runs/x` are one run
     os.makedirs(out, exist_ok=True)
     started = time.time()
     first = assets_phase(plan, out, train_models)
