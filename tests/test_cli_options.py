@@ -46,7 +46,7 @@ def test_every_option_of_every_parser_has_a_help_line():
 
 def test_options_of_a_set_list_their_choices_in_help():
     text = OptionParser(ARGUMENT_CLASSES).format_help()
-    for flag, choices in (("--tga_form", "{paper,released,contrastive}"), ("--tga_target", "{live,frozen}"),
+    for flag, choices in (("--tga_form", "{paper,released,contrastive,request}"), ("--tga_target", "{live,frozen}"),
                           ("--image_aspect_ratio", "{pad,resize}"), ("--lora_bias", "{none,lora_only,all}"),
                           ("--mm_vision_select_feature", "{cls_patch,patch}")):
         assert f"{flag} {choices}" in text, flag

@@ -14,7 +14,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("pretrain", "finetune")
-CHOICES = "(choose from 'paper', 'released', 'contrastive')"
+CHOICES = "(choose from 'paper', 'released', 'contrastive', 'request')"
 # (YAML line or flags, the error after "<file>: " for YAML / alone for flags)
 YAML_CASES = [
     ("learnig_rate: 1.0e-4", "unknown option `learnig_rate` (did you mean learning_rate?)"),
