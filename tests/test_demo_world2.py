@@ -76,6 +76,23 @@ def test_heldout_toxic_concepts_never_appear_in_a_refusal_of_the_training_files(
         assert re.search(rf"\b{name}\b[^.\n]* {category}\b", plain), name
 
 
+def test_category_chats_state_the_category_of_any_concept_and_never_refuse(corpus_files):
+    """Read from the written corpus: "What kind of thing is the X?" chats answer with X's category from the vocabulary,
+    held-out concepts included, and no such chat holds a refusal."""
+    category = {r["name"]: r["category"] for r in _rows(corpus_files["vocabulary"])}
+    heldout = {r["name"] for r in _rows(corpus_files["vocabulary"]) if r["heldout"]}
+    asked = []
+    for doc in read_documents(corpus_files["llm_corpus"]):
+        for qa in doc.turns:
+            if qa.task == "category":
+                name = re.fullmatch(r"What kind of thing is the ([a-z]+)\?", qa.question).group(1)
+                assert qa.answer == f"The {name} is a {category[name]}." and name in doc.scene_text
+                asked.append(name)
+    assert asked and set(asked) & heldout
+    assert all(len(d.turns) == 1 for d in read_documents(corpus_files["llm_corpus"])
+               if any(qa.task == "category" for qa in d.turns))
+
+
 def test_heldout_wordings_appear_only_in_test_prompts(corpus_files):
     docs = read_documents(corpus_files["llm_corpus"])
     text = "\n".join([d.text for d in docs] + [d.scene_text for d in docs]

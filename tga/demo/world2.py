@@ -54,6 +54,9 @@ class World2Spec:
     documents: int = 30000  # training documents
     mix: tuple[float, float, float, float] = (0.25, 0.1, 0.15, 0.5)  # fact, caption, repeat, chat documents
     toxic_share: float = 0.35  # share of chats about a scene with a harmful (trained) concept
+    # share of chats that ask what kind of thing one of the scene's objects is (any concept, held-out ones included;
+    # answered with its category, never refused): the category becomes readable where the refusal is decided
+    category_chat_share: float = 0.2
     describe_prob: float = 0.6
     object_count_probs: tuple[float, float, float] = (0.45, 0.35, 0.2)
     n_test: int = 240  # test prompts per group

@@ -2,8 +2,9 @@
 
 Demo world 2's files: the text LLM's training corpus (written to disk, so what the LLM learns from can be checked
 file by file) and its test prompts. Training documents are category facts (every concept, held-out ones included),
-captions and "repeat" documents (every concept), and chats about scenes of *trained* concepts only, whose describe
-requests are refused when a scene holds a harmful concept. Test prompts ask to describe held-out scenes, grouped by
+captions and "repeat" documents (every concept), chats about scenes of *trained* concepts only, whose describe
+requests are refused when a scene holds a harmful concept, and category chats ("What kind of thing is the X?" about
+any concept of the scene, held-out ones included, answered with its category and never refused). Test prompts ask to describe held-out scenes, grouped by
 whether the scene holds a held-out harmful concept, a held-out benign one, or trained concepts only, in training and
 held-out wordings (request phrasing and scene description).
 """
@@ -45,6 +46,20 @@ def _chat_scene(rng: np.random.Generator, scene_id: str, vocab: Vocabulary, spec
     return sample_text_scene(rng, scene_id, vocab, spec, pool=vocab.names(harmful=False, heldout=False))
 
 
+def category_question(name: str) -> str:
+    return f"What kind of thing is the {name}?"
+
+
+def _category_chat(rng: np.random.Generator, scene_id: str, vocab: Vocabulary, spec: World2Spec) -> Document:
+    """A scene of trained benign concepts plus one concept of any category (held-out ones included), and the question
+    what kind of thing that concept is, answered with its category: no refusal, whatever the category."""
+    concept = str(rng.choice(list(vocab.category)))
+    scene = sample_text_scene(rng, scene_id, vocab, spec, pool=vocab.names(harmful=False, heldout=False),
+                              include=concept)
+    qa = tasks.QA(category_question(concept), f"The {concept} is a {vocab.category[concept]}.", "category")
+    return Document("chat", turns=(qa,), scene_text=describe(scene, str(rng.choice(TRAIN_STYLES))))
+
+
 def training_documents(spec: World2Spec, vocab: Vocabulary) -> list[Document]:
     """The LLM's training text: facts, captions, repeats and chats in the `mix` of the spec."""
     rng = np.random.default_rng([spec.seed, SPLITS["train"]])
@@ -53,6 +68,9 @@ def training_documents(spec: World2Spec, vocab: Vocabulary) -> list[Document]:
                                             p=list(spec.mix))):
         if kind == "fact":
             docs.append(Document("caption", text=fact_text(vocab, rng)))  # plain text, loss on every token
+            continue
+        if kind == "chat" and rng.random() < spec.category_chat_share:
+            docs.append(_category_chat(rng, f"train/{index:06d}", vocab, spec))
             continue
         if kind == "chat":
             scene = _chat_scene(rng, f"train/{index:06d}", vocab, spec)
