@@ -15,7 +15,7 @@ from tga.align.request_guide import request_guide_loss, request_token_loss
 from tga.config import DataArguments, ModelArguments, TGAArguments, TrainingArguments, check_config
 from tga.data.collator import VLMCollator
 from tga.data.records import load_records
-from tga.errors import ConfigError
+from tga.errors import ConfigError, DataError
 from tga.model.text_states import text_hidden_states
 from tga.options import load_config
 from tga.train.run import run_stage
@@ -50,7 +50,7 @@ def test_tokens_pair_in_order_across_different_positions():
     loss, _ = request_token_loss({0: image}, {0: caption}, [0], torch.tensor([[False, True, True]]),
                                  torch.tensor([[True, True]]))
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
-    with pytest.raises(Exception, match="pair token for token"):
+    with pytest.raises(DataError, match="pair token for token"):
         request_token_loss({0: image}, {0: caption}, [0], torch.tensor([[False, True, True]]),
                            torch.tensor([[False, True]]))
 

@@ -14,6 +14,9 @@ k-th of the other (`request_spans`). A sample whose spans share no token contrib
 Loss, per target layer l, guide sample b with n_b > 0 paired tokens t:
     mean over l and b of  (1 / n_b) sum_t (1 - cos(h_image[l, b, t], sg(h_caption[l, b, t])))
 sg = no gradient (the caption pass is the target). Every sample weighs the same, whatever its request length.
+
+Cost note: the paired tokens are selected by boolean masks, which on an accelerator waits for the device once per
+target layer (the pooled forms need no such read); index lists built by the collator would remove it.
 """
 
 from __future__ import annotations
