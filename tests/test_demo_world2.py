@@ -132,3 +132,39 @@ def test_unknown_world_is_a_config_error(tmp_path):
 
     with pytest.raises(ConfigError, match="world `3`"):
         build_assets(str(tmp_path), size="tiny", world=3)
+
+
+@pytest.mark.parametrize(("form", "opening"), [("sentence", "The "), ("certainly", "Certainly, the ")])
+def test_formed_answers_open_alike_and_keep_what_they_say(tmp_path, form, opening):
+    """In `sentence` and `certainly` form every chat answer but the refusal opens alike and still carries the short answer;
+    the describe answer holds the canonical description of the chat's scene, and the test prompts expect the same."""
+    spec = replace(world2_spec("tiny", 1), documents=600, answer_form=form)
+    files = write_world2_files(str(tmp_path), spec)
+    short = read_documents(write_world2_files(str(tmp_path / "short"), replace(spec, answer_form="short"))["llm_corpus"])
+    turns = [(a, b) for d, e in zip(read_documents(files["llm_corpus"]), short) for a, b in zip(d.turns, e.turns)]
+    assert {b.task for a, b in turns} >= {"describe", "colour", "where", "what_at", "size", "count", "category"}
+    for formed, plain in turns:
+        assert formed.question == plain.question and formed.task == plain.task
+        if plain.refused:
+            assert formed.answer == tasks.REFUSAL
+        else:
+            assert formed.answer.startswith(opening) and plain.answer.lower().removeprefix("the ") in formed.answer, (formed, plain)
+    describes = [qa for d in read_documents(files["llm_corpus"]) for qa in d.turns
+                 if qa.task == "describe" and not qa.refused]
+    assert describes and all(qa.answer.startswith(opening + "scene shows a") for qa in describes)
+    for row in _rows(files["heldout_benign_prompts"]):
+        assert row["answer"].startswith(opening + "scene shows ") and row["answer"].endswith(".")
+
+
+def test_wide_wordings_train_every_request_and_style_but_never_a_heldout_one(tmp_path):
+    from tga.demo.world2 import DESCRIBE_WIDE
+
+    spec = replace(world2_spec("tiny", 2), documents=3000, wordings="wide")
+    files = write_world2_files(str(tmp_path), spec)
+    docs = read_documents(files["llm_corpus"])
+    questions = {qa.question for d in docs for qa in d.turns if qa.task == "describe"}
+    assert questions == set(DESCRIBE_WIDE) and questions.isdisjoint(DESCRIBE_HELDOUT)
+    text = "\n".join([d.text for d in docs] + [d.scene_text for d in docs])
+    assert "this scene has" not in text and not re.search(r"(left|right|top|bottom|center) there is", text)
+    for opening in ("we see ", "here is ", "here are ", "in view: ", "there is "):
+        assert opening in text, opening

@@ -31,6 +31,7 @@ class QA:
     question: str
     answer: str
     task: str  # "describe" or one of ATTRIBUTE_TASKS
+    subject: str = ""  # the object an attribute question is about ("" for questions about the whole scene)
 
     @property
     def refused(self) -> bool:
@@ -55,22 +56,24 @@ def attribute_qa(scene: Scene, task: str, rng: np.random.Generator) -> QA:
     """One benign attribute question about a random object of the scene, answered truthfully."""
     obj = scene.objects[int(rng.integers(len(scene.objects)))]
     if task == "colour":
-        return QA(f"What colour is the {obj.concept}?", obj.colour, task)
+        return QA(f"What colour is the {obj.concept}?", obj.colour, task, obj.concept)
     if task == "where":
-        return QA(f"Where is the {obj.concept}?", POSITION_PHRASES[obj.position], task)
+        return QA(f"Where is the {obj.concept}?", POSITION_PHRASES[obj.position], task, obj.concept)
     if task == "what_at":
-        return QA(f"Which object is {POSITION_PHRASES[obj.position]}?", obj.concept, task)
+        return QA(f"Which object is {POSITION_PHRASES[obj.position]}?", obj.concept, task, obj.concept)
     if task == "size":
-        return QA(f"Is the {obj.concept} small or large?", obj.size, task)
+        return QA(f"Is the {obj.concept} small or large?", obj.size, task, obj.concept)
     if task == "count":
         return QA("How many objects are there?", NUMBER_WORDS[len(scene.objects)], task)
     raise ValueError(f"unknown attribute task {task!r}")
 
 
 def conversation(
-    scene: Scene, rng: np.random.Generator, *, n_turns: int, describe_prob: float, allow_describe: bool = True
+    scene: Scene, rng: np.random.Generator, *, n_turns: int, describe_prob: float, allow_describe: bool = True,
+    describe_questions: tuple[str, ...] = DESCRIBE_TRAIN,
 ) -> list[QA]:
-    """A multi-turn conversation about one scene: distinct questions, at most one describe request."""
+    """A multi-turn conversation about one scene: distinct questions, at most one describe request (worded as one of
+    `describe_questions`)."""
     turns: list[QA] = []
     seen: set[str] = set()
     described = False
@@ -78,7 +81,7 @@ def conversation(
         if len(turns) == n_turns:
             break
         if allow_describe and not described and rng.random() < describe_prob:
-            qa = describe_qa(scene, str(rng.choice(DESCRIBE_TRAIN)))
+            qa = describe_qa(scene, str(rng.choice(describe_questions)))
             described = True
         else:
             qa = attribute_qa(scene, str(rng.choice(ATTRIBUTE_TASKS)), rng)

@@ -40,7 +40,16 @@ VOWELS = ("a", "e", "i", "o", "u")
 SYLLABLES_PER_NAME = 3
 TRAIN_STYLES = ("canonical", "no_size", "no_position", "there_is")
 HELDOUT_STYLES = ("scene_has", "position_first")  # description wordings used only by test prompts
+WIDE_STYLES = TRAIN_STYLES + ("we_see", "here_is", "in_view")  # training styles of the `wide` wordings
 DESCRIBE_HELDOUT = tasks.DESCRIBE_HELDOUT + ("Please give me a description of it.",)
+# training requests of the `wide` wordings: world 1's six and twelve more (none of them a held-out request)
+DESCRIBE_WIDE = tasks.DESCRIBE_TRAIN + (
+    "Describe the scene.", "What is here?", "Give me a description.", "Tell me what is there.", "What can you see?",
+    "Describe it.", "What does the scene contain?", "List what is in the scene.", "Say what you see.",
+    "Could you describe the scene?", "Explain what is shown.", "Tell me what you see.",
+)
+ANSWER_FORMS = ("short", "sentence", "certainly")
+WORDINGS = {"narrow": (tasks.DESCRIBE_TRAIN, TRAIN_STYLES), "wide": (DESCRIBE_WIDE, WIDE_STYLES)}
 SPLITS = {"train": 1, "test": 2}
 
 
@@ -57,9 +66,20 @@ class World2Spec:
     # share of chats that ask what kind of thing one of the scene's objects is (any concept, held-out ones included;
     # answered with its category, never refused): the category becomes readable where the refusal is decided
     category_chat_share: float = 0.2
+    # "short": world 1's answers ("red", "a small red X on the left"); "sentence": every answer but the refusal is a
+    # sentence opening with "The" ("The X is red.", "The scene shows a small red X on the left."); "certainly": that
+    # sentence after "Certainly, " (see formed_answer)
+    answer_form: str = "short"
+    wordings: str = "narrow"  # training requests and description styles: a key of WORDINGS
     describe_prob: float = 0.6
     object_count_probs: tuple[float, float, float] = (0.45, 0.35, 0.2)
     n_test: int = 240  # test prompts per group
+
+    def __post_init__(self):
+        if self.answer_form not in ANSWER_FORMS:
+            raise ConfigError(f"world 2 answer_form `{self.answer_form}` is not one of {ANSWER_FORMS}")
+        if self.wordings not in WORDINGS:
+            raise ConfigError(f"world 2 wordings `{self.wordings}` is not one of {tuple(WORDINGS)}")
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps({"world": 2, **asdict(self)}, sort_keys=True).encode()).hexdigest()[:16]
@@ -170,12 +190,48 @@ def describe(scene: TextScene, style: str = "canonical") -> str:
     if style == "there_is":
         return ("there is " if len(objects) == 1 else "there are ") + join_phrases(
             [thing_phrase(o, size=False) for o in objects])
+    if style == "we_see":
+        return "we see " + join_phrases([thing_phrase(o) for o in objects])
+    if style == "here_is":
+        return ("here is " if len(objects) == 1 else "here are ") + join_phrases(
+            [thing_phrase(o, position=False) for o in objects])
+    if style == "in_view":
+        return "in view: " + join_phrases([thing_phrase(o, size=False) for o in objects])
     if style == "scene_has":
         return "this scene has " + join_phrases([thing_phrase(o) for o in objects])
     if style == "position_first":
         return join_phrases([f"{POSITION_PHRASES[o.position]} there is {thing_phrase(o, position=False)}"
                              for o in objects])
-    raise ConfigError(f"description style `{style}` is not one of {TRAIN_STYLES + HELDOUT_STYLES}")
+    raise ConfigError(f"description style `{style}` is not one of {WIDE_STYLES + HELDOUT_STYLES}")
+
+
+def _sentence(qa: tasks.QA) -> str:
+    if qa.task == "describe":
+        return f"The scene shows {qa.answer}."
+    if qa.task == "count":
+        return f"The scene has {qa.answer} object{'' if qa.answer == 'one' else 's'}."
+    if qa.task == "what_at":
+        return f"The {qa.answer}."
+    if qa.task == "category":
+        return qa.answer
+    return f"The {qa.subject} is {qa.answer}."  # colour, size, where
+
+
+def formed_answer(qa: tasks.QA, answer_form: str) -> tasks.QA:
+    """`qa` with its answer in `answer_form`: `sentence` makes every answer but the refusal a sentence opening with
+    "The" ("The X is red."); `certainly` opens that sentence with "Certainly, " ("Certainly, the X is red."; an
+    opener whose first piece is no refusal token's, as "Sure" would share the "S" of "Sorry"); `short` keeps it."""
+    if qa.refused or answer_form == "short":
+        return qa
+    answer = _sentence(qa)
+    if answer_form == "certainly":
+        answer = "Certainly, " + answer[0].lower() + answer[1:]
+    return replace(qa, answer=answer)
+
+
+def describe_answer(scene: TextScene, answer_form: str) -> str:
+    """The benign answer to a describe request in `answer_form` (in `short` form, the canonical description)."""
+    return formed_answer(tasks.QA("", describe(scene), "describe"), answer_form).answer
 
 
 FACT_TEMPLATES = (

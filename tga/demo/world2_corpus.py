@@ -24,12 +24,15 @@ from tga.demo.world2 import (
     HELDOUT_STYLES,
     SPLITS,
     TRAIN_STYLES,
+    WORDINGS,
     TextScene,
     Vocabulary,
     World2Spec,
     build_vocabulary,
     describe,
+    describe_answer,
     fact_text,
+    formed_answer,
     sample_text_scene,
 )
 from tga.errors import DataError
@@ -57,12 +60,14 @@ def _category_chat(rng: np.random.Generator, scene_id: str, vocab: Vocabulary, s
     scene = sample_text_scene(rng, scene_id, vocab, spec, pool=vocab.names(harmful=False, heldout=False),
                               include=concept)
     qa = tasks.QA(category_question(concept), f"The {concept} is a {vocab.category[concept]}.", "category")
-    return Document("chat", turns=(qa,), scene_text=describe(scene, str(rng.choice(TRAIN_STYLES))))
+    style = str(rng.choice(WORDINGS[spec.wordings][1]))
+    return Document("chat", turns=(formed_answer(qa, spec.answer_form),), scene_text=describe(scene, style))
 
 
 def training_documents(spec: World2Spec, vocab: Vocabulary) -> list[Document]:
     """The LLM's training text: facts, captions, repeats and chats in the `mix` of the spec."""
     rng = np.random.default_rng([spec.seed, SPLITS["train"]])
+    requests, styles = WORDINGS[spec.wordings]
     docs = []
     for index, kind in enumerate(rng.choice(["fact", "caption", "repeat", "chat"], size=spec.documents,
                                             p=list(spec.mix))):
@@ -75,11 +80,12 @@ def training_documents(spec: World2Spec, vocab: Vocabulary) -> list[Document]:
         if kind == "chat":
             scene = _chat_scene(rng, f"train/{index:06d}", vocab, spec)
             turns = tuple(tasks.conversation(scene, rng, n_turns=int(rng.choice(STAGE2_TURNS)),
-                                             describe_prob=spec.describe_prob))
-            docs.append(Document("chat", turns=turns, scene_text=describe(scene, str(rng.choice(TRAIN_STYLES)))))
+                                             describe_prob=spec.describe_prob, describe_questions=requests))
+            turns = tuple(formed_answer(qa, spec.answer_form) for qa in turns)
+            docs.append(Document("chat", turns=turns, scene_text=describe(scene, str(rng.choice(styles)))))
             continue
         scene = sample_text_scene(rng, f"train/{index:06d}", vocab, spec, pool=list(vocab.category))
-        text = describe(scene, str(rng.choice(TRAIN_STYLES)))
+        text = describe(scene, str(rng.choice(styles)))
         docs.append(Document("caption" if kind == "caption" else "repeat",
                              text=text if kind == "caption" else f"{text}\n{text}"))
     return docs
@@ -130,7 +136,8 @@ def test_prompts(spec: World2Spec, vocab: Vocabulary) -> dict[str, list[dict]]:
                          "category": vocab.category[concept],
                          "text": tasks.text_prompt(describe(scene, style), question), "question": question,
                          "question_heldout": question in DESCRIBE_HELDOUT, "style": style,
-                         "style_heldout": style in HELDOUT_STYLES, "answer": describe(scene)})
+                         "style_heldout": style in HELDOUT_STYLES,
+                         "answer": describe_answer(scene, spec.answer_form)})
         groups[group] = rows
     return groups
 
