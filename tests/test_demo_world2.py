@@ -65,7 +65,7 @@ def test_heldout_toxic_concepts_never_appear_in_a_refusal_of_the_training_files(
     trained_toxic = {r["name"] for r in vocab if not r["heldout"] and r["category"] in HARMFUL_CATEGORIES}
     assert heldout_toxic and trained_toxic
     docs = read_documents(corpus_files["llm_corpus"])
-    refusing = [d for d in docs if any(qa.answer == tasks.REFUSAL for qa in d.turns)]
+    refusing = [d for d in docs if any(qa.refused for qa in d.turns)]
     refused_words = {w for d in refusing for w in re.findall(r"[a-z]+", " ".join(
         [d.scene_text] + [qa.question for qa in d.turns]))}
     assert refused_words.isdisjoint(heldout_toxic)
@@ -168,3 +168,38 @@ def test_wide_wordings_train_every_request_and_style_but_never_a_heldout_one(tmp
     assert "this scene has" not in text and not re.search(r"(left|right|top|bottom|center) there is", text)
     for opening in ("we see ", "here is ", "here are ", "in view: ", "there is "):
         assert opening in text, opening
+
+
+def test_category_scenes_name_the_harmful_object_by_its_category(tmp_path):
+    """With `category_scene_share`, some chats name an object by its category word; a scene naming a harmful category
+    is refused like one naming a harmful concept, and no held-out harmful name enters a refusal."""
+    spec = replace(world2_spec("tiny", 4), documents=2000, category_scene_share=0.5)
+    files = write_world2_files(str(tmp_path), spec)
+    vocab = _rows(files["vocabulary"])
+    heldout_toxic = {r["name"] for r in vocab if r["heldout"] and r["harmful"]}
+    by_category = []
+    for doc in read_documents(files["llm_corpus"]):
+        words = set(re.findall(r"[a-z]+", doc.scene_text))
+        named = words & {"weapon", "drug", "poison", "fruit", "toy", "tool", "animal", "plant"}
+        describes = [qa for qa in doc.turns if qa.task == "describe"]
+        if named and describes:
+            by_category.append(doc)
+            assert describes[0].refused == bool(named & set(HARMFUL_CATEGORIES)), doc
+        if any(qa.refused for qa in doc.turns):
+            assert words.isdisjoint(heldout_toxic)
+    assert {d.turns[0].refused for d in by_category if len(d.turns) == 1 and d.turns[0].task == "describe"} == {
+        True, False}
+
+
+def test_refusals_naming_the_category_name_a_harmful_one_of_their_scene(tmp_path):
+    spec = replace(world2_spec("tiny", 5), documents=1500, refusal_names_category=True)
+    files = write_world2_files(str(tmp_path), spec)
+    category = {r["name"]: r["category"] for r in _rows(files["vocabulary"])}
+    heldout_toxic = {r["name"] for r in _rows(files["vocabulary"]) if r["heldout"] and r["harmful"]}
+    refusals = [(d, qa) for d in read_documents(files["llm_corpus"]) for qa in d.turns if qa.refused]
+    assert refusals and {qa.answer for _, qa in refusals} != {tasks.REFUSAL}
+    for doc, qa in refusals:
+        named = re.fullmatch(r"I'm sorry, I cannot help with that ([a-z]+)\.", qa.answer).group(1)
+        scene_names = set(re.findall(r"[a-z]+", doc.scene_text))
+        assert named in HARMFUL_CATEGORIES and named in {category.get(n) for n in scene_names}
+        assert scene_names.isdisjoint(heldout_toxic)

@@ -35,7 +35,7 @@ class QA:
 
     @property
     def refused(self) -> bool:
-        return self.answer == REFUSAL
+        return is_refusal(self.answer)
 
 
 def is_refusal(answer: str) -> bool:

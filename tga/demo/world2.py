@@ -71,6 +71,12 @@ class World2Spec:
     # sentence after "Certainly, " (see formed_answer)
     answer_form: str = "short"
     wordings: str = "narrow"  # training requests and description styles: a key of WORDINGS
+    # share of (non-category) chats whose harmful object (or, in a benign scene, one object) is named by its category
+    # word ("a small red weapon on the left"): the refusal is also trained on the category itself
+    category_scene_share: float = 0.0
+    # refusals name the harmful object's category ("I'm sorry, I cannot help with that weapon."), so producing one
+    # needs the category, as a chat LLM's refusal often says what it will not help with
+    refusal_names_category: bool = False
     describe_prob: float = 0.6
     object_count_probs: tuple[float, float, float] = (0.45, 0.35, 0.2)
     n_test: int = 240  # test prompts per group
@@ -167,6 +173,15 @@ def sample_text_scene(rng: np.random.Generator, scene_id: str, vocab: Vocabulary
     return TextScene(scene_id, objects, any(vocab.harmful(c) for c in concepts))
 
 
+def named_by_category(scene: TextScene, vocab: Vocabulary, rng: np.random.Generator) -> TextScene:
+    """The scene with its harmful object (a random one if none is harmful) named by its category word instead."""
+    harmful = [i for i, o in enumerate(scene.objects) if vocab.harmful(o.concept)]
+    index = harmful[0] if harmful else int(rng.integers(len(scene.objects)))
+    objects = list(scene.objects)
+    objects[index] = replace(objects[index], concept=vocab.category[objects[index].concept])
+    return replace(scene, objects=tuple(objects))
+
+
 def ordered(scene: TextScene) -> list[Thing]:
     order = list(POSITION_PHRASES)
     return sorted(scene.objects, key=lambda o: order.index(o.position))
@@ -227,6 +242,14 @@ def formed_answer(qa: tasks.QA, answer_form: str) -> tasks.QA:
     if answer_form == "certainly":
         answer = "Certainly, " + answer[0].lower() + answer[1:]
     return replace(qa, answer=answer)
+
+
+def category_refusal(qa: tasks.QA, scene: TextScene, vocab: Vocabulary) -> tasks.QA:
+    """A refusal naming the category of the scene's (first) harmful object; any other answer unchanged."""
+    if not qa.refused:
+        return qa
+    concept = next(o.concept for o in ordered(scene) if vocab.category.get(o.concept, o.concept) in HARMFUL_CATEGORIES)
+    return replace(qa, answer=f"I'm sorry, I cannot help with that {vocab.category.get(concept, concept)}.")
 
 
 def describe_answer(scene: TextScene, answer_form: str) -> str:

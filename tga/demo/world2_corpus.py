@@ -29,10 +29,12 @@ from tga.demo.world2 import (
     Vocabulary,
     World2Spec,
     build_vocabulary,
+    category_refusal,
     describe,
     describe_answer,
     fact_text,
     formed_answer,
+    named_by_category,
     sample_text_scene,
 )
 from tga.errors import DataError
@@ -79,9 +81,13 @@ def training_documents(spec: World2Spec, vocab: Vocabulary) -> list[Document]:
             continue
         if kind == "chat":
             scene = _chat_scene(rng, f"train/{index:06d}", vocab, spec)
+            if spec.category_scene_share and rng.random() < spec.category_scene_share:
+                scene = named_by_category(scene, vocab, rng)
             turns = tuple(tasks.conversation(scene, rng, n_turns=int(rng.choice(STAGE2_TURNS)),
                                              describe_prob=spec.describe_prob, describe_questions=requests))
             turns = tuple(formed_answer(qa, spec.answer_form) for qa in turns)
+            if spec.refusal_names_category:
+                turns = tuple(category_refusal(qa, scene, vocab) for qa in turns)
             docs.append(Document("chat", turns=turns, scene_text=describe(scene, str(rng.choice(styles)))))
             continue
         scene = sample_text_scene(rng, f"train/{index:06d}", vocab, spec, pool=list(vocab.category))

@@ -1,14 +1,15 @@
 """tga/safety/plots.py
 
 PNG plots of the safety analyses, drawn with matplotlib's object API and the Agg canvas (no pyplot global
-state, no display needed): the per-layer refusal-token rank of the activation analysis, and the per-layer
+state, no display needed): the per-layer refusal-token rank of the activation analysis (of one model, or the
+median ranks of several on a relative-depth axis), and the per-layer
 image-versus-caption cosine and specificity of one or more checkpoints.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -52,6 +53,32 @@ def plot_activation(result: Any, path: str) -> None:
     hist.set_xlabel("activation layer")
     hist.set_ylabel("prompts")
     hist.set_title(f"Activated: {result.activated_fraction:.0%} of {len(result.layers)} prompts")
+    _save(figure, path)
+
+
+def plot_rank_curves(curves: Mapping[str, Sequence[float]], path: str, *, band: tuple[float, float] = (0.3, 0.7)) -> None:
+    """Median refusal-token rank per layer of several activation analyses on one relative-depth axis.
+
+    Models of different depths share the x axis (layer j of L at j / L), with the middle `band` shaded, so where each
+    LLM's refusal token rises can be compared.
+
+    Args:
+        curves: label -> median rank per layer (layer 1 first), e.g. `median_rank_per_layer` of activation.json.
+        path: the PNG file to write.
+        band: the relative depths to shade.
+    """
+    figure = Figure(figsize=(10, 4))
+    axes = figure.subplots()
+    axes.axvspan(*band, color="grey", alpha=0.15, label=f"{band[0]:.0%}-{band[1]:.0%} of depth")
+    for label, ranks in curves.items():
+        depth = len(ranks)
+        axes.plot([(j + 1) / depth for j in range(depth)], ranks, marker="o", label=label)
+    axes.axhline(1, color="grey", linewidth=0.8)
+    axes.set_yscale("log")
+    axes.set_xlabel("layer j / L")
+    axes.set_ylabel("median refusal-token rank in D^j (1 = top)")
+    axes.set_title("Where the refusal token rises")
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     _save(figure, path)
 
 

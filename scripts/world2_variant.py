@@ -1,0 +1,132 @@
+"""scripts/world2_variant.py
+
+Build and measure one design variant of demo world 2's text LLM: the world-2 `full` preset (seed 0 unless told) with
+spec fields changed, its LLM trained, then the acceptance measurements of docs/demo_world.md: greedy refusal per
+test group and wording (from the LLM's own evaluation) and Algorithm 1 (paper rule, Mistral chat format) on every
+test group, with the share of prompts whose activation layer lies in 30-70% of the depth.
+
+    python scripts/world2_variant.py --out runs/w2x --world '{"wordings": "wide"}' --llm '{"steps": 2000}'
+    python scripts/world2_variant.py --table "wide=runs/w2x" "preset=runs/w2"   # the docs' table rows
+    python scripts/world2_variant.py --rank_plot ranks.png --curves "world 1=w1/activation.json" "wide=..."
+
+Writes `summary.json` in `--out`. Each variant is one training run (minutes to tens of minutes on 2 cores); run
+variants side by side with OMP_NUM_THREADS=1 each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+from dataclasses import fields, replace
+
+GROUPS = ("heldout_toxic", "heldout_benign", "trained_toxic", "trained_benign")
+
+
+def _spec_changes(text: str, spec_type, flag: str) -> dict:
+    try:
+        changes = json.loads(text)
+    except ValueError as error:
+        raise SystemExit(f"error: {flag} is not JSON ({error}): {text}") from None
+    if not isinstance(changes, dict):
+        raise SystemExit(f"error: {flag} must be a JSON object of field names and values, got {text}")
+    known = {f.name for f in fields(spec_type)}
+    unknown = sorted(set(changes) - known)
+    if unknown:
+        raise SystemExit(f"error: {flag}: {spec_type.__name__} has no field {', '.join(unknown)} (fields: {sorted(known)})")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()}
+
+
+def measure(out: str, world_changes: dict, llm_changes: dict, seed: int) -> dict:
+    from tga.demo.text_llm import TextLLMSpec
+    from tga.demo.world2 import World2Spec, world2_spec
+    from tga.demo.world2_corpus import write_world2_files
+    from tga.demo.world2_llm import train_world2_llm, world2_llm_spec
+    from tga.safety.analysis import run_activation
+
+    spec = replace(world2_spec("full", seed), **_spec_changes(world_changes, World2Spec, "--world"))
+    llm_spec = world2_llm_spec("full", **_spec_changes(llm_changes, TextLLMSpec, "--llm"))
+    paths = write_world2_files(os.path.join(out, "world"), spec)
+    metrics = train_world2_llm(paths, os.path.join(out, "llm"), spec=llm_spec, seed=seed)
+    summary = {"world": json.loads(world_changes), "llm": json.loads(llm_changes), "seed": seed,
+               "train_seconds": metrics["train_seconds"], "final_loss": metrics["final_loss"]}
+    for group in GROUPS:
+        result = run_activation(os.path.join(out, "llm"), paths[f"{group}_prompts"],
+                                os.path.join(out, "activation", group), template="mistral_instruct", batch_size=16)
+        layers = result.layers
+        m = metrics[group]
+        summary[group] = {
+            "refusal": m["refusal"], "train_wording": m["refusal_train_wording"],
+            "heldout_question": m["refusal_heldout_question"],
+            "heldout_description": m["refusal_heldout_description"], "describe_acc": m.get("describe_acc"),
+            "activating": result.activated_fraction,
+            "in_band": sum(1 for x in layers if x is not None and 0.3 <= x / llm_spec.layers <= 0.7) / len(layers),
+            "early": sum(1 for x in layers if x is not None and x / llm_spec.layers < 0.3) / len(layers),
+            "layers": dict(sorted(collections.Counter(str(x or "none") for x in layers).items())),
+            "median_rank_per_layer": result.median_rank_per_layer,
+        }
+    with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as handle:
+        json.dump(summary, handle, indent=1)
+    return summary
+
+
+def table(labelled: list[str]) -> str:
+    rows = ["| variant | held-out toxic refused (training wording / held-out request / held-out description) | "
+            "held-out benign refused | trained toxic refused | trained benign refused | Algorithm 1, held-out toxic: "
+            "activating / in band / below band | held-out benign activating | trained benign activating | "
+            "describe acc (trained benign) | training s |",
+            "|---|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+    for item in labelled:
+        label, folder = item.split("=", 1)
+        with open(os.path.join(folder, "summary.json"), encoding="utf-8") as handle:
+            s = json.load(handle)
+        ht, hb, tt, tb = (s[g] for g in GROUPS)
+        rows.append(
+            f"| {label} | {ht['refusal']:.2f} ({ht['train_wording']:.2f} / {ht['heldout_question']:.2f} / "
+            f"{ht['heldout_description']:.2f}) | {hb['refusal']:.2f} | {tt['refusal']:.2f} | {tb['refusal']:.2f} | "
+            f"{ht['activating']:.0%} / {ht['in_band']:.0%} / {ht['early']:.0%} | {hb['activating']:.0%} | "
+            f"{tb['activating']:.0%} | {tb['describe_acc']:.2f} | {s['train_seconds']:.0f} |")
+    return "\n".join(rows)
+
+
+def plot_ranks(path: str, labelled: list[str]) -> None:
+    from tga.safety.plots import plot_rank_curves
+
+    curves = {}
+    for item in labelled:
+        label, json_path = item.split("=", 1)
+        with open(json_path, encoding="utf-8") as handle:
+            curves[label] = json.load(handle)["median_rank_per_layer"]
+    plot_rank_curves(curves, path)
+    print(f"rank curves in {path}")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--out", help="folder of the variant (world files, LLM, activation reports, summary.json)")
+    parser.add_argument("--world", default="{}", help="JSON of World2Spec fields to change, e.g. '{\"wordings\": \"wide\"}'")
+    parser.add_argument("--llm", default="{}", help="JSON of TextLLMSpec fields to change, e.g. '{\"steps\": 2000}'")
+    parser.add_argument("--seed", type=int, default=0, help="world and training seed")
+    parser.add_argument("--table", nargs="+", metavar="LABEL=FOLDER", help="print the markdown rows of measured variants")
+    parser.add_argument("--rank_plot", metavar="PNG", help="plot the median refusal-token rank per layer of --curves")
+    parser.add_argument("--curves", nargs="+", metavar="LABEL=ACTIVATION_JSON", help="activation.json files to plot")
+    args = parser.parse_args(argv)
+    if args.rank_plot:
+        if not args.curves:
+            parser.error("--rank_plot needs --curves LABEL=ACTIVATION_JSON ...")
+        plot_ranks(args.rank_plot, args.curves)
+        return 0
+    if args.table:
+        print(table(args.table))
+        return 0
+    if not args.out:
+        parser.error("--out is required to measure a variant")
+    measure(args.out, args.world, args.llm, args.seed)
+    print(table([f"{os.path.basename(args.out)}={args.out}"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
