@@ -14,6 +14,9 @@ block, keyed on the toxic word itself; a deeper LLM on world 1's data still does
   it was never trained to refuse by name (benign held-out ones test false refusals).
 - **Held-out wordings.** Two scene-description styles and one request phrasing appear only in test prompts.
 
+How answers are worded (answer forms, refusals that name the category) is in `world2_answers.py`; the spec options
+that choose among the designs measured in docs/demo_world.md are fields of `World2Spec`.
+
 Names and the held-out split are a pure function of the seed. A scene here is text only (`TextScene`); images of this
 world are not drawn yet.
 """
@@ -218,43 +221,6 @@ def describe(scene: TextScene, style: str = "canonical") -> str:
         return join_phrases([f"{POSITION_PHRASES[o.position]} there is {thing_phrase(o, position=False)}"
                              for o in objects])
     raise ConfigError(f"description style `{style}` is not one of {WIDE_STYLES + HELDOUT_STYLES}")
-
-
-def _sentence(qa: tasks.QA) -> str:
-    if qa.task == "describe":
-        return f"The scene shows {qa.answer}."
-    if qa.task == "count":
-        return f"The scene has {qa.answer} object{'' if qa.answer == 'one' else 's'}."
-    if qa.task == "what_at":
-        return f"The {qa.answer}."
-    if qa.task == "category":
-        return qa.answer
-    return f"The {qa.subject} is {qa.answer}."  # colour, size, where
-
-
-def formed_answer(qa: tasks.QA, answer_form: str) -> tasks.QA:
-    """`qa` with its answer in `answer_form`: `sentence` makes every answer but the refusal a sentence opening with
-    "The" ("The X is red."); `certainly` opens that sentence with "Certainly, " ("Certainly, the X is red."; an
-    opener whose first piece is no refusal token's, as "Sure" would share the "S" of "Sorry"); `short` keeps it."""
-    if qa.refused or answer_form == "short":
-        return qa
-    answer = _sentence(qa)
-    if answer_form == "certainly":
-        answer = "Certainly, " + answer[0].lower() + answer[1:]
-    return replace(qa, answer=answer)
-
-
-def category_refusal(qa: tasks.QA, scene: TextScene, vocab: Vocabulary) -> tasks.QA:
-    """A refusal naming the category of the scene's (first) harmful object; any other answer unchanged."""
-    if not qa.refused:
-        return qa
-    concept = next(o.concept for o in ordered(scene) if vocab.category.get(o.concept, o.concept) in HARMFUL_CATEGORIES)
-    return replace(qa, answer=f"I'm sorry, I cannot help with that {vocab.category.get(concept, concept)}.")
-
-
-def describe_answer(scene: TextScene, answer_form: str) -> str:
-    """The benign answer to a describe request in `answer_form` (in `short` form, the canonical description)."""
-    return formed_answer(tasks.QA("", describe(scene), "describe"), answer_form).answer
 
 
 FACT_TEMPLATES = (

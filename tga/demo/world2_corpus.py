@@ -29,14 +29,12 @@ from tga.demo.world2 import (
     Vocabulary,
     World2Spec,
     build_vocabulary,
-    category_refusal,
     describe,
-    describe_answer,
     fact_text,
-    formed_answer,
     named_by_category,
     sample_text_scene,
 )
+from tga.demo.world2_answers import category_refusal, describe_answer, formed_answer
 from tga.errors import DataError
 
 TEST_GROUPS = ("heldout_toxic", "heldout_benign", "trained_toxic", "trained_benign")
