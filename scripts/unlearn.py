@@ -11,12 +11,14 @@ import logging
 import sys
 
 from tga.errors import TGAError
+from tga.train.distributed import finish_distributed
 from tga.unlearn import run_unlearn
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         run_unlearn(sys.argv[1:])
+        finish_distributed()
     except TGAError as error:
         print(f"unlearn: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -138,3 +138,15 @@ def is_main_process() -> bool:
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def finish_distributed() -> None:
+    """Wait for every rank, then tear the process group down before the interpreter exits.
+
+    Without it a rank that is done exits while rank 0 still writes the model folder, and its backend threads can be
+    destroyed mid-wait ("terminate called without an active exception"): the rank aborts and the launcher kills a run
+    that finished. The entry-point scripts call this last.
+    """
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
