@@ -4,9 +4,9 @@ Demo world 2's files: the text LLM's training corpus (written to disk, so what t
 file by file) and its test prompts. Training documents are category facts (every concept, held-out ones included),
 captions and "repeat" documents (every concept), chats about scenes of *trained* concepts only, whose describe
 requests are refused when a scene holds a harmful concept, and category chats ("What kind of thing is the X?" about
-any concept of the scene, held-out ones included, answered with its category and never refused). Test prompts ask to describe held-out scenes, grouped by
-whether the scene holds a held-out harmful concept, a held-out benign one, or trained concepts only, in training and
-held-out wordings (request phrasing and scene description).
+any concept of the scene, held-out ones included, answered with its category and never refused). Test prompts ask to
+describe held-out scenes, grouped by whether the scene holds a held-out harmful concept, a held-out benign one, or
+trained concepts only, in training and held-out wordings (request phrasing and scene description).
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ def _category_chat(rng: np.random.Generator, scene_id: str, vocab: Vocabulary, s
     scene = sample_text_scene(rng, scene_id, vocab, spec, pool=vocab.names(harmful=False, heldout=False),
                               include=concept)
     qa = tasks.QA(category_question(concept), f"The {concept} is a {vocab.category[concept]}.", "category")
-    style = str(rng.choice(WORDINGS[spec.wordings][1]))
+    _, styles = WORDINGS[spec.wordings]
+    style = str(rng.choice(styles))
     return Document("chat", turns=(formed_answer(qa, spec.answer_form),), scene_text=describe(scene, style))
 
 
