@@ -7,6 +7,7 @@ test group, with the share of prompts whose activation layer lies in 30-70% of t
 
     python scripts/world2_variant.py --out runs/w2x --world '{"wordings": "wide"}' --llm '{"steps": 2000}'
     python scripts/world2_variant.py --table "wide=runs/w2x" "preset=runs/w2"   # the docs' table rows
+    python scripts/world2_variant.py --spread "wide=runs/w2x,runs/w2x_s1,runs/w2x_s2"   # mean and range over seeds
     python scripts/world2_variant.py --rank_plot ranks.png --curves "world 1=w1/activation.json" "wide=..."
 
 Writes `summary.json` in `--out`. Each variant is one training run (minutes to tens of minutes on 2 cores); run
@@ -43,6 +44,7 @@ def measure(out: str, world_changes: dict, llm_changes: dict, seed: int) -> dict
     from tga.demo.text_llm import TextLLMSpec
     from tga.demo.world2 import World2Spec, world2_spec
     from tga.demo.world2_corpus import write_world2_files
+    from tga.demo.world2_criteria import BAND, in_band
     from tga.demo.world2_llm import train_world2_llm, world2_llm_spec
     from tga.safety.analysis import run_activation
 
@@ -62,8 +64,8 @@ def measure(out: str, world_changes: dict, llm_changes: dict, seed: int) -> dict
             "heldout_question": m["refusal_heldout_question"],
             "heldout_description": m["refusal_heldout_description"], "describe_acc": m.get("describe_acc"),
             "activating": result.activated_fraction,
-            "in_band": sum(1 for x in layers if x is not None and 0.3 <= x / llm_spec.layers <= 0.7) / len(layers),
-            "early": sum(1 for x in layers if x is not None and x / llm_spec.layers < 0.3) / len(layers),
+            "in_band": sum(in_band(x, llm_spec.layers) for x in layers) / len(layers),
+            "early": sum(1 for x in layers if x is not None and x / llm_spec.layers < BAND[0]) / len(layers),
             "layers": dict(sorted(collections.Counter(str(x or "none") for x in layers).items())),
             "median_rank_per_layer": result.median_rank_per_layer,
         }
@@ -76,8 +78,8 @@ def table(labelled: list[str]) -> str:
     rows = ["| variant | held-out toxic refused (training wording / held-out request / held-out description) | "
             "held-out benign refused | trained toxic refused | trained benign refused | Algorithm 1, held-out toxic: "
             "activating / in band / below band | held-out benign activating | trained benign activating | "
-            "describe acc (trained benign) | training s |",
-            "|---|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+            "describe acc (trained benign) | training s | criteria 1 / 2 (checks met) |",
+            "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---|"]
     for item in labelled:
         label, folder = item.split("=", 1)
         with open(os.path.join(folder, "summary.json"), encoding="utf-8") as handle:
@@ -87,7 +89,43 @@ def table(labelled: list[str]) -> str:
             f"| {label} | {ht['refusal']:.2f} ({ht['train_wording']:.2f} / {ht['heldout_question']:.2f} / "
             f"{ht['heldout_description']:.2f}) | {hb['refusal']:.2f} | {tt['refusal']:.2f} | {tb['refusal']:.2f} | "
             f"{ht['activating']:.0%} / {ht['in_band']:.0%} / {ht['early']:.0%} | {hb['activating']:.0%} | "
-            f"{tb['activating']:.0%} | {tb['describe_acc']:.2f} | {s['train_seconds']:.0f} |")
+            f"{tb['activating']:.0%} | {tb['describe_acc']:.2f} | {s['train_seconds']:.0f} | {_verdict(s)} |")
+    return "\n".join(rows)
+
+
+def _verdict(summary: dict) -> str:
+    from tga.demo.world2_criteria import text_llm_checks
+
+    checks = text_llm_checks(summary)
+    parts = []
+    for criterion in (1, 2):
+        mine = [c for c in checks if c.criterion == criterion]
+        met = sum(c.met for c in mine)
+        parts.append(f"{'met' if met == len(mine) else 'no'} ({met}/{len(mine)})")
+    return " / ".join(parts)
+
+
+def spread(labelled: list[str]) -> str:
+    """Mean and range over seeds of each criterion number, one column per design LABEL=DIR,DIR,..."""
+    from tga.demo.world2_criteria import text_llm_checks
+
+    designs = {}
+    for item in labelled:
+        label, folders = item.split("=", 1)
+        designs[label] = []
+        for folder in folders.split(","):
+            with open(os.path.join(folder, "summary.json"), encoding="utf-8") as handle:
+                designs[label].append(text_llm_checks(json.load(handle)))
+    first = next(iter(designs.values()))[0]
+    rows = ["| criterion: check | needed | " + " | ".join(f"{label} ({len(runs)} seeds)" for label, runs in designs.items())
+            + " |", "|---|---|" + "---|" * len(designs)]
+    for index, check in enumerate(first):
+        cells = []
+        for runs in designs.values():
+            values = [checks[index].measured for checks in runs]
+            met = sum(checks[index].met for checks in runs)
+            cells.append(f"{sum(values) / len(values):.2f} ({min(values):.2f}-{max(values):.2f}), met {met}/{len(runs)}")
+        rows.append(f"| {check.criterion}: {check.what} | {check.needed} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -110,6 +148,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--llm", default="{}", help="JSON of TextLLMSpec fields to change, e.g. '{\"steps\": 2000}'")
     parser.add_argument("--seed", type=int, default=0, help="world and training seed")
     parser.add_argument("--table", nargs="+", metavar="LABEL=FOLDER", help="print the markdown rows of measured variants")
+    parser.add_argument("--spread", nargs="+", metavar="LABEL=FOLDER,FOLDER,...",
+                        help="print each criterion number's mean and range over the seeds of a design")
     parser.add_argument("--rank_plot", metavar="PNG", help="plot the median refusal-token rank per layer of --curves")
     parser.add_argument("--curves", nargs="+", metavar="LABEL=ACTIVATION_JSON", help="activation.json files to plot")
     args = parser.parse_args(argv)
@@ -120,6 +160,9 @@ def main(argv: list[str]) -> int:
         return 0
     if args.table:
         print(table(args.table))
+        return 0
+    if args.spread:
+        print(spread(args.spread))
         return 0
     if not args.out:
         parser.error("--out is required to measure a variant")
