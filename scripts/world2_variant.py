@@ -9,6 +9,7 @@ test group, with the share of prompts whose activation layer lies in 30-70% of t
     python scripts/world2_variant.py --table "wide=runs/w2x" "preset=runs/w2"   # the docs' table rows
     python scripts/world2_variant.py --spread "wide=runs/w2x,runs/w2x_s1,runs/w2x_s2"   # mean and range over seeds
     python scripts/world2_variant.py --rank_plot ranks.png --curves "world 1=w1/activation.json" "wide=..."
+    python scripts/world2_variant.py --layer_plot layers.png --runs "seed 0=runs/w2x" "seed 1=runs/w2x_s1"
 
 Writes `summary.json` in `--out`. Each variant is one training run (minutes to tens of minutes on 2 cores); run
 variants side by side with OMP_NUM_THREADS=1 each.
@@ -141,6 +142,23 @@ def plot_ranks(path: str, labelled: list[str]) -> None:
     print(f"rank curves in {path}")
 
 
+def plot_layers(path: str, labelled: list[str]) -> None:
+    """One panel per variant: the share of held-out toxic and benign prompts activating at each layer."""
+    from tga.safety.plots import plot_activation_shares
+
+    panels, depth = {}, None
+    for item in labelled:
+        label, folder = item.split("=", 1)
+        panels[label] = {}
+        for group in ("heldout_toxic", "heldout_benign"):
+            with open(os.path.join(folder, "activation", group, "activation.json"), encoding="utf-8") as handle:
+                report = json.load(handle)
+            panels[label][group.replace("heldout_", "held-out ")] = report["layers"]
+            depth = report["num_layers"]
+    plot_activation_shares(panels, depth, path)
+    print(f"activation layers in {path}")
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--out", help="folder of the variant (world files, LLM, activation reports, summary.json)")
@@ -152,7 +170,15 @@ def main(argv: list[str]) -> int:
                         help="print each criterion number's mean and range over the seeds of a design")
     parser.add_argument("--rank_plot", metavar="PNG", help="plot the median refusal-token rank per layer of --curves")
     parser.add_argument("--curves", nargs="+", metavar="LABEL=ACTIVATION_JSON", help="activation.json files to plot")
+    parser.add_argument("--layer_plot", metavar="PNG", help="plot the activation layers of toxic and benign prompts "
+                        "of --runs, one panel per variant")
+    parser.add_argument("--runs", nargs="+", metavar="LABEL=FOLDER", help="measured variant folders to plot")
     args = parser.parse_args(argv)
+    if args.layer_plot:
+        if not args.runs:
+            parser.error("--layer_plot needs --runs LABEL=FOLDER ...")
+        plot_layers(args.layer_plot, args.runs)
+        return 0
     if args.rank_plot:
         if not args.curves:
             parser.error("--rank_plot needs --curves LABEL=ACTIVATION_JSON ...")

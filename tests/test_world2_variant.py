@@ -98,3 +98,18 @@ def test_config_typos_are_refused_by_name(variant, tmp_path, flag, value, messag
     with pytest.raises(SystemExit, match=message):
         variant.main(["--out", str(tmp_path / "v"), flag, value])
     assert not (tmp_path / "v").exists()
+
+
+def test_layer_plot_draws_toxic_and_benign_layers_of_each_run(variant, tmp_path):
+    runs = []
+    for name, toxic, benign in (("prior", [1, 1, 1], [1, 1, None]), ("decision", [4, 4, None], [None, None, None])):
+        for group, layers in (("heldout_toxic", toxic), ("heldout_benign", benign)):
+            folder = tmp_path / name / "activation" / group
+            folder.mkdir(parents=True)
+            (folder / "activation.json").write_text(json.dumps({"layers": layers, "num_layers": 10}))
+        runs.append(f"{name}={tmp_path / name}")
+    png = tmp_path / "layers.png"
+    assert variant.main(["--layer_plot", str(png), "--runs", *runs]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    with pytest.raises(SystemExit):
+        variant.main(["--layer_plot", str(png)])  # no --runs: a usage error, not a traceback

@@ -2,7 +2,8 @@
 
 PNG plots of the safety analyses, drawn with matplotlib's object API and the Agg canvas (no pyplot global
 state, no display needed): the per-layer refusal-token rank of the activation analysis (of one model, or the
-median ranks of several on a relative-depth axis), and the per-layer
+median ranks of several on a relative-depth axis), the activation layers of toxic prompts beside benign controls
+(one panel per model), and the per-layer
 image-versus-caption cosine and specificity of one or more checkpoints.
 """
 
@@ -79,6 +80,40 @@ def plot_rank_curves(curves: Mapping[str, Sequence[float]], path: str, *, band: 
     axes.set_ylabel("median refusal-token rank in D^j (1 = top)")
     axes.set_title("Where the refusal token rises")
     axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _save(figure, path)
+
+
+def plot_activation_shares(panels: Mapping[str, Mapping[str, Sequence[int | None]]], depth: int, path: str, *,
+                           band: tuple[float, float] = (0.3, 0.7)) -> None:
+    """Share of prompts per activation layer, prompt groups side by side, one panel per model.
+
+    Benign prompts are the control: a layer where they activate as often as toxic ones holds the answer-start prior,
+    not a decision about content.
+
+    Args:
+        panels: model label -> prompt group label -> activation layer per prompt (None: never activates).
+        depth: the models' number of layers.
+        path: the PNG file to write.
+        band: the relative depths to shade.
+    """
+    columns = min(len(panels), 4)
+    rows = -(-len(panels) // columns)
+    figure = Figure(figsize=(3.2 * columns, 2.6 * rows))
+    grid = figure.subplots(rows, columns, squeeze=False, sharey=True)
+    for axes, (label, groups) in zip(grid.flat, panels.items()):
+        width = 0.8 / max(len(groups), 1)
+        axes.axvspan(band[0] * depth - 0.5, band[1] * depth + 0.5, color="grey", alpha=0.15)
+        for index, (group, layers) in enumerate(groups.items()):
+            shares = [sum(1 for x in layers if x == j) / max(len(layers), 1) for j in range(1, depth + 1)]
+            axes.bar([j + (index - (len(groups) - 1) / 2) * width for j in range(1, depth + 1)], shares, width=width,
+                     label=group)
+        axes.set_title(label, fontsize=9)
+        axes.set_xticks(range(1, depth + 1))
+        axes.set_xlabel("activation layer", fontsize=8)
+    grid.flat[0].set_ylabel("share of prompts")
+    grid.flat[0].legend(fontsize=7)
+    for axes in list(grid.flat)[len(panels):]:
+        axes.set_visible(False)
     _save(figure, path)
 
 
