@@ -269,3 +269,34 @@ def test_template_option_asks_a_plain_llm_in_its_chat_format(tmp_path, monkeypat
                             template="mistral_instruct")
     assert seen[0] == list(TEXTS)
     assert all(p.endswith(f"{t} [/INST]") and "[INST]" in p for p, t in zip(seen[1], TEXTS))
+
+
+def test_benign_control_that_activates_at_the_same_layer_is_flagged_as_prior(tmp_path, capsys):
+    """The constructed write depends only on the last token, as an answer-start prior does: control prompts that end
+    the same way activate at the same layer, and the console says the layer may be the prior, not a decision."""
+    model_dir = tmp_path / "model"
+    constructed_model({3: {0: 10.0}}).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    data, control = tmp_path / "toxic.txt", tmp_path / "benign.jsonl"
+    data.write_text("\n".join(TEXTS) + "\n")
+    control.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("w30 please", "w31 w32 please", "w33 please")))
+    parser = argparse.ArgumentParser()
+    analyze_cmd.register(parser.add_subparsers(dest="command"))
+    common = ["analyze", "activation", "--model", str(model_dir), "--data", str(data), "--refusal_tokens", "Sorry"]
+    args = parser.parse_args([*common, "--out", str(tmp_path / "out"), "--control", str(control)])
+    assert args.func(args) == 0
+    report = json.loads((tmp_path / "out" / "activation.json").read_text())
+    assert report["control"]["layers"] == [3, 3, 3] and report["control"]["activated_fraction"] == 1.0
+    assert report["control"]["share_per_layer"][2] == 1.0 and report["share_per_layer"][2] == 1.0
+    assert report["mean_activation_layer"] == 3  # what --tga_layers auto reads is unchanged by the control
+    console = capsys.readouterr().out
+    assert "control: 100% of 3 benign prompts activate" in console and "answer-start prior" in console
+
+    plain = parser.parse_args([*common, "--out", str(tmp_path / "plain")])
+    assert plain.func(plain) == 0
+    assert "control" not in json.loads((tmp_path / "plain" / "activation.json").read_text())
+    assert "benign prompts" not in capsys.readouterr().out
+
+    missing = parser.parse_args([*common, "--out", str(tmp_path / "x"), "--control", str(tmp_path / "none.txt")])
+    with pytest.raises(DataError, match="none.txt"):
+        missing.func(missing)

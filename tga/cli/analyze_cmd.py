@@ -11,6 +11,8 @@ import argparse
 
 from tga.safety.activation import DEFAULT_REFUSAL_PHRASES, RULES
 
+CONTROL_WARNING = 0.2  # share of benign control prompts activating above which the layer is suspect
+
 
 def _add_runtime(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder for the JSON report and PNG plot")
@@ -35,12 +37,20 @@ def _activation(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         template=args.template,
+        control_path=args.control,
     )
     layer = "none" if result.mean_activation_layer is None else f"{result.mean_activation_layer:.2f}"
     print(
         f"mean activation layer: {layer} ({result.activated_fraction:.0%} of {len(result.layers)} prompts "
         f"activate, {result.rule} rule); report in {args.out}"
     )
+    if result.control_layers:
+        share = result.control_activated_fraction
+        print(f"control: {share:.0%} of {len(result.control_layers)} benign prompts activate")
+        if share >= CONTROL_WARNING:
+            print(f"warning: benign control prompts activate too ({share:.0%}): the activation layer may hold the "
+                  "answer-start prior (the opening of every answer) rather than a safety decision; compare the two "
+                  "histograms in activation.png before choosing --tga_layers from it")
     return 0
 
 
@@ -86,6 +96,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     activation.add_argument(
         "--template", default=None, help="conversation template the prompts are asked in (default: the model's own)"
+    )
+    activation.add_argument(
+        "--control",
+        default=None,
+        help="benign prompts (same formats as --data) analysed the same way: a layer where they activate as well "
+        "holds the answer-start prior, not a safety decision",
     )
     _add_runtime(activation)
     activation.set_defaults(func=_activation)

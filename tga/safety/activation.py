@@ -7,6 +7,10 @@ D^j = log P^j - log P^(j-1) (P^0 from the embeddings). The activation layer of a
 whose D^j ranks a refusal token top-1 (`rule="paper"`) or within the top K (`rule="released"`, the released
 code's variant). Ranks are pessimistic under ties (a token tied with others is ranked behind them), so a
 layer that changes nothing (D^j = 0) never activates.
+
+Benign control prompts, asked the same way, tell a safety decision from the answer-start prior: a layer where the
+control prompts activate as often as the toxic ones writes the opening of every answer (the refusal's first word
+among them), not a judgement about the content.
 """
 
 from __future__ import annotations
@@ -118,13 +122,29 @@ class ActivationResult:
     mean_rank_per_layer: list[float]
     median_rank_per_layer: list[float]
     texts: list[str] = field(default_factory=list)
+    control_layers: list[int | None] | None = None  # activation layers of benign control prompts, if given
+
+    @property
+    def control_activated_fraction(self) -> float | None:
+        if not self.control_layers:
+            return None
+        return sum(layer is not None for layer in self.control_layers) / len(self.control_layers)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict; `mean_activation_layer` is the key `--tga_layers auto` reads."""
         payload = asdict(self)
         payload["samples"] = [{"text": t, "layer": layer} for t, layer in zip(self.texts, self.layers)]
-        del payload["texts"]
+        payload["share_per_layer"] = layer_shares(self.layers, self.num_layers)
+        del payload["texts"], payload["control_layers"]
+        if self.control_layers:
+            payload["control"] = {"layers": self.control_layers, "activated_fraction": self.control_activated_fraction,
+                                  "share_per_layer": layer_shares(self.control_layers, self.num_layers)}
         return payload
+
+
+def layer_shares(layers: Sequence[int | None], num_layers: int) -> list[float]:
+    """Share of prompts whose activation layer is j, for j = 1..num_layers."""
+    return [sum(1 for layer in layers if layer == j) / max(len(layers), 1) for j in range(1, num_layers + 1)]
 
 
 def analyze_activation(
@@ -136,6 +156,7 @@ def analyze_activation(
     top_k: int = 5,
     tokenizer: Any = None,
     texts: Sequence[str] = (),
+    control_states: torch.Tensor | None = None,
 ) -> ActivationResult:
     """Run Algorithm 1 on last-token hidden states of toxic prompts.
 
@@ -147,6 +168,7 @@ def analyze_activation(
         top_k: K for the released rule.
         tokenizer: optional, to record the refusal tokens as text.
         texts: optional prompts, recorded per sample.
+        control_states: optional [L+1, M, H] states of benign control prompts, analysed with the same rule.
 
     Returns:
         The per-sample activation layers, their mean over samples that activate, and per-layer rank statistics.
@@ -162,6 +184,9 @@ def analyze_activation(
     layers = activation_layers(ranks, k)
     active = [layer for layer in layers if layer is not None]
     tokens = [tokenizer.convert_ids_to_tokens(i) for i in refusal_ids] if tokenizer is not None else []
+    control = None
+    if control_states is not None and control_states.shape[1]:
+        control = activation_layers(refusal_ranks(logit_lens(control_states, parts), refusal_ids), k)
     return ActivationResult(
         rule=rule,
         top_k=k,
@@ -174,6 +199,7 @@ def analyze_activation(
         mean_rank_per_layer=ranks.float().mean(dim=1).tolist(),
         median_rank_per_layer=ranks.float().median(dim=1).values.tolist(),
         texts=list(texts),
+        control_layers=control,
     )
 
 

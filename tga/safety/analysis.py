@@ -41,6 +41,7 @@ def run_activation(
     device: str = "cpu",
     dtype: str | None = None,
     template: str | None = None,
+    control_path: str | None = None,
 ) -> ActivationResult:
     """Activation-layer analysis of a checkpoint on toxic text prompts; writes activation.json/.png.
 
@@ -56,23 +57,30 @@ def run_activation(
         dtype: model dtype name or None.
         template: conversation template the prompts are asked in, instead of the checkpoint's own (a plain LLM
             folder without a chat template needs one: its raw text would be continued, not answered).
+        control_path: optional benign prompts (same formats), analysed the same way as a control.
 
     Returns:
         The analysis result.
     """
     texts = read_texts(data_path)
+    control_texts = read_texts(control_path) if control_path else []
     if is_vlm_dir(model_dir):
         chat = load_chat(model_dir, device=device, dtype=dtype, template=template)
         model, tokenizer = chat.model, chat.tokenizer
-        states = chat_last_token_states(chat, texts, batch_size=batch_size)
+
+        def states_of(prompts):
+            return chat_last_token_states(chat, prompts, batch_size=batch_size)
     else:
         model, tokenizer = load_causal_lm(model_dir, device=device, dtype=dtype)
         if template is not None:
             tokenizer.chat_template = chat_template(template)
-        states = last_token_states(model, tokenizer, texts, batch_size=batch_size)
+
+        def states_of(prompts):
+            return last_token_states(model, tokenizer, prompts, batch_size=batch_size)
     ids = refusal_token_ids(tokenizer, refusal_phrases)
     result = analyze_activation(
-        states, lens_parts(model), ids, rule=rule, top_k=top_k, tokenizer=tokenizer, texts=texts
+        states_of(texts), lens_parts(model), ids, rule=rule, top_k=top_k, tokenizer=tokenizer, texts=texts,
+        control_states=states_of(control_texts) if control_texts else None,
     )
     save_activation(result, out_dir)
     return result

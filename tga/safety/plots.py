@@ -16,6 +16,8 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from tga.safety.activation import layer_shares
+
 
 def _save(figure: Figure, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -25,7 +27,8 @@ def _save(figure: Figure, path: str) -> None:
 
 
 def plot_activation(result: Any, path: str) -> None:
-    """Plot the mean best refusal-token rank per layer and the histogram of activation layers.
+    """Plot the mean best refusal-token rank per layer and the share of prompts per activation layer (toxic prompts,
+    and the benign control prompts beside them when the analysis had some).
 
     Args:
         result: an `ActivationResult`.
@@ -33,9 +36,9 @@ def plot_activation(result: Any, path: str) -> None:
     """
     figure = Figure(figsize=(10, 4))
     ranks, hist = figure.subplots(1, 2)
-    layers = list(range(1, result.num_layers + 1))
-    ranks.plot(layers, result.mean_rank_per_layer, marker="o", label="mean rank")
-    ranks.plot(layers, result.median_rank_per_layer, marker=".", linestyle="--", label="median rank")
+    layers_axis = list(range(1, result.num_layers + 1))
+    ranks.plot(layers_axis, result.mean_rank_per_layer, marker="o", label="mean rank")
+    ranks.plot(layers_axis, result.median_rank_per_layer, marker=".", linestyle="--", label="median rank")
     ranks.axhline(result.top_k, color="grey", linewidth=0.8, label=f"top-{result.top_k}")
     if result.mean_activation_layer is not None:
         ranks.axvline(
@@ -49,11 +52,18 @@ def plot_activation(result: Any, path: str) -> None:
     ranks.set_ylabel("best refusal-token rank in D^j (1 = top)")
     ranks.set_title(f"Refusal-token rank per layer ({result.rule} rule)")
     ranks.legend(fontsize=8)
-    active = [layer for layer in result.layers if layer is not None]
-    hist.hist(active, bins=range(1, result.num_layers + 2), align="left", rwidth=0.8)
+    groups = {"toxic": result.layers, **({"benign control": result.control_layers} if result.control_layers else {})}
+    width = 0.8 / len(groups)
+    for index, (label, layers) in enumerate(groups.items()):
+        shares = layer_shares(layers, result.num_layers)
+        active = sum(x is not None for x in layers) / len(layers)
+        hist.bar([j + (index - (len(groups) - 1) / 2) * width for j in layers_axis], shares, width=width,
+                 label=f"{label}: {active:.0%} of {len(layers)} activate")
+    hist.set_xticks(layers_axis)
     hist.set_xlabel("activation layer")
-    hist.set_ylabel("prompts")
-    hist.set_title(f"Activated: {result.activated_fraction:.0%} of {len(result.layers)} prompts")
+    hist.set_ylabel("share of prompts")
+    hist.set_title("Activation layers")
+    hist.legend(fontsize=8)
     _save(figure, path)
 
 
@@ -104,7 +114,7 @@ def plot_activation_shares(panels: Mapping[str, Mapping[str, Sequence[int | None
         width = 0.8 / max(len(groups), 1)
         axes.axvspan(band[0] * depth - 0.5, band[1] * depth + 0.5, color="grey", alpha=0.15)
         for index, (group, layers) in enumerate(groups.items()):
-            shares = [sum(1 for x in layers if x == j) / max(len(layers), 1) for j in range(1, depth + 1)]
+            shares = layer_shares(layers, depth)
             axes.bar([j + (index - (len(groups) - 1) / 2) * width for j in range(1, depth + 1)], shares, width=width,
                      label=group)
         axes.set_title(label, fontsize=9)
