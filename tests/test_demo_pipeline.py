@@ -85,7 +85,12 @@ def test_report_covers_every_method_seed_and_stage_with_rates_in_0_1(reduced_dem
         seed1 = json.load(handle)
     assert costs["tga"]["stage2"] == pytest.approx((seed0["wall_time_s"] / seed0["steps"]
                                                     + seed1["wall_time_s"] / seed1["steps"]) / 2)
-    assert "Training cost per step" in open(os.path.join(out, "report.md"), encoding="utf-8").read()
+    report = open(os.path.join(out, "report.md"), encoding="utf-8").read()
+    assert "Training cost per step" in report
+    # the activation layer is read beside the benign control prompts of the same world
+    control = reduced_demo["report"]["context"]["activation"]["control"]
+    assert len(control["layers"]) > 0 and 0.0 <= control["activated_fraction"] <= 1.0
+    assert f"{control['activated_fraction']:.0%} of benign control prompts" in report
 
 
 @pytest.mark.slow
@@ -360,7 +365,8 @@ def test_rebuilt_assets_redo_every_later_phase(tmp_path):
         if argv[0] == "demo-assets":
             folder = argv[argv.index("--out") + 1]
             names = ("image_folder", "toxic_test_folder", "stage1_data", "stage2_data", "captions", "clip", "llm",
-                     "benign_vqa_test", "benign_describe_test", "toxic_vqa_test", "toxic_text_prompts", "toxic_pairs",
+                     "benign_vqa_test", "benign_describe_test", "toxic_vqa_test", "toxic_text_prompts",
+                     "benign_text_prompts", "toxic_pairs",
                      "unlearn_harmful", "unlearn_normal")
             steps = {"world": {"key": "w", "cached": True}, "clip": {"key": built["clip"], "cached": False}}
             with open(os.path.join(folder, "assets.json"), "w", encoding="utf-8") as handle:

@@ -141,7 +141,8 @@ def shared_phases(plan: Plan, out: str, paths: dict[str, str]) -> list[Phase]:
                  "--model", paths["clip"], "--index_path", os.path.join(data, "index"), "--top_k", "3",
                  "--num_workers", "0") for n in (1, 2)]
     activation = ("analyze", "activation", "--model", paths["llm"], "--data", paths["toxic_text_prompts"],
-                  "--template", CHAT_TEMPLATE, "--out", os.path.join(out, "activation"))
+                  "--control", paths["benign_text_prompts"], "--template", CHAT_TEMPLATE,
+                  "--out", os.path.join(out, "activation"))
     return [Phase("retrieval", data, tuple(retrieve), ("assets",), kind="retrieval"),
             Phase("activation", os.path.join(out, "activation"), (activation,), ("assets",), kind="activation")]
 

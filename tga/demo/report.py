@@ -189,8 +189,10 @@ def _markdown(plan: Plan, methods: dict, context: dict) -> str:
         layer = "none (no prompt activates)" if layer is None else f"{layer:.2f}"
         lines += [f"Activation layer of the text LLM (Algorithm 1, logit lens on toxic text prompts): "
                   f"{layer} of {activation['num_layers']} "
-                  f"({activation['activated_fraction']:.0%} of prompts activate); TGA layers `auto` align the band "
-                  "ending there.", ""]
+                  f"({activation['activated_fraction']:.0%} of prompts activate"
+                  + (f"; {activation['control']['activated_fraction']:.0%} of benign control prompts"
+                     if activation.get("control") else "")
+                  + "); TGA layers `auto` align the band ending there.", ""]
     lines += ["## Per seed", "", "| method | seed | " + " | ".join(label for label, _, _ in TABLE) + " |",
               "|---|---:|" + "---:|" * len(TABLE)]
     for name, method in methods.items():
@@ -241,7 +243,7 @@ def write_report(plan: Plan, out: str, run: dict) -> dict:
     context = {"dsr_question": assets["dsr_question"], "clip_metrics": assets.get("clip_metrics", {}),
                "llm_metrics": assets.get("llm_metrics", {}), "seconds": run["seconds"],
                "activation": activation and {k: activation.get(k) for k in ("mean_activation_layer", "num_layers",
-                                                                            "activated_fraction")}}
+                                                                            "activated_fraction", "control")}}
     context["method_seconds"] = {  # its training and evaluation; the defences' phases are timed on their own
         method.name: sum(record["seconds"] for name, record in run["phases"].items()
                          if name.split("/")[1:2] == [method.name] and record.get("kind") != "defense")
