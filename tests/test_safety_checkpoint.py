@@ -63,6 +63,10 @@ def test_activation_and_similarity_on_a_checkpoint(world, tmp_path):
     saved = json.loads((tmp_path / "act" / "activation.json").read_text())
     assert saved["num_layers"] == 4 and len(saved["samples"]) == len(TOXIC)
     assert saved["mean_activation_layer"] == result.mean_activation_layer
+    # a control asked through the checkpoint's own chat path: the same prompts land on the same layers
+    controlled = run_activation(world["ckpt"], str(world["root"] / "toxic.txt"), str(tmp_path / "ctl"),
+                                rule="released", control_path=str(world["root"] / "toxic.txt"))
+    assert controlled.control_layers == result.layers and controlled.layers == result.layers
     reports = run_similarity(
         [world["ckpt"], world["ckpt"]],
         str(world["root"] / "pairs.json"),
