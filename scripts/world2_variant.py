@@ -22,7 +22,7 @@ import collections
 import json
 import os
 import sys
-from dataclasses import fields, replace
+from dataclasses import asdict, fields, replace
 
 GROUPS = ("heldout_toxic", "heldout_benign", "trained_toxic", "trained_benign")
 
@@ -41,6 +41,23 @@ def _spec_changes(text: str, spec_type, flag: str) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()}
 
 
+def _trained(out: str, specs: dict, train) -> dict:
+    """The LLM's metrics: trained now, or read back when `out` already holds an LLM trained from the same specs (a
+    measurement that stopped after training resumes without training again)."""
+    record, metrics_path = os.path.join(out, "trained.json"), os.path.join(out, "llm", "metrics.json")
+    specs = json.loads(json.dumps(specs))
+    if os.path.exists(record) and os.path.exists(metrics_path):
+        with open(record, encoding="utf-8") as handle:
+            if json.load(handle) == specs:
+                with open(metrics_path, encoding="utf-8") as metrics:
+                    print(f"reusing the LLM trained in {out}")
+                    return json.load(metrics)
+    metrics = train()
+    with open(record, "w", encoding="utf-8") as handle:
+        json.dump(specs, handle, indent=1)
+    return metrics
+
+
 def measure(out: str, world_changes: dict, llm_changes: dict, seed: int) -> dict:
     from tga.demo.text_llm import TextLLMSpec
     from tga.demo.world2 import World2Spec, world2_spec
@@ -52,7 +69,8 @@ def measure(out: str, world_changes: dict, llm_changes: dict, seed: int) -> dict
     spec = replace(world2_spec("full", seed), **_spec_changes(world_changes, World2Spec, "--world"))
     llm_spec = world2_llm_spec("full", **_spec_changes(llm_changes, TextLLMSpec, "--llm"))
     paths = write_world2_files(os.path.join(out, "world"), spec)
-    metrics = train_world2_llm(paths, os.path.join(out, "llm"), spec=llm_spec, seed=seed)
+    metrics = _trained(out, {"world": asdict(spec), "llm": asdict(llm_spec), "seed": seed},
+                       lambda: train_world2_llm(paths, os.path.join(out, "llm"), spec=llm_spec, seed=seed))
     summary = {"world": json.loads(world_changes), "llm": json.loads(llm_changes), "seed": seed,
                "train_seconds": metrics["train_seconds"], "final_loss": metrics["final_loss"]}
     for group in GROUPS:

@@ -113,3 +113,18 @@ def test_layer_plot_draws_toxic_and_benign_layers_of_each_run(variant, tmp_path)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     with pytest.raises(SystemExit):
         variant.main(["--layer_plot", str(png)])  # no --runs: a usage error, not a traceback
+
+
+def test_a_measurement_stopped_after_training_reuses_only_an_llm_of_the_same_specs(variant, tmp_path):
+    calls = []
+
+    def train():
+        calls.append(1)
+        (tmp_path / "llm").mkdir(exist_ok=True)
+        (tmp_path / "llm" / "metrics.json").write_text(json.dumps({"final_loss": 0.4, "run": len(calls)}))
+        return {"final_loss": 0.4, "run": len(calls)}
+
+    specs = {"world": {"wordings": "wide", "mix": (0.25, 0.75)}, "llm": {"steps": 3000}, "seed": 1}
+    assert variant._trained(str(tmp_path), specs, train)["run"] == 1
+    assert variant._trained(str(tmp_path), specs, train)["run"] == 1 and len(calls) == 1  # read back, not retrained
+    assert variant._trained(str(tmp_path), {**specs, "seed": 2}, train)["run"] == 2  # another seed trains again
