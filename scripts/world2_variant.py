@@ -113,15 +113,10 @@ def table(labelled: list[str]) -> str:
 
 
 def _verdict(summary: dict) -> str:
-    from tga.demo.world2_criteria import text_llm_checks
+    from tga.demo.world2_criteria import checks_met, text_llm_checks
 
-    checks = text_llm_checks(summary)
-    parts = []
-    for criterion in (1, 2):
-        mine = [c for c in checks if c.criterion == criterion]
-        met = sum(c.met for c in mine)
-        parts.append(f"{'met' if met == len(mine) else 'no'} ({met}/{len(mine)})")
-    return " / ".join(parts)
+    return " / ".join(f"{'met' if met == total else 'no'} ({met}/{total})"
+                      for met, total in checks_met(text_llm_checks(summary)).values())
 
 
 def spread(labelled: list[str]) -> str:

@@ -56,12 +56,12 @@ def _passing_summary() -> dict:
     ("trained_toxic", "refusal", 0.5, {1: True, 2: True}),  # criterion 2 is about held-out names only
 ])
 def test_criteria_hold_at_their_thresholds_and_fail_one_step_past(group, key, value, verdict):
-    from tga.demo.world2_criteria import criteria_met, text_llm_checks
+    from tga.demo.world2_criteria import checks_met, text_llm_checks
 
     summary = _passing_summary()
     if group:
         summary[group][key] = value
-    assert criteria_met(text_llm_checks(summary)) == verdict
+    assert {c: met == total for c, (met, total) in checks_met(text_llm_checks(summary)).items()} == verdict
 
 
 def test_spread_gives_mean_range_and_seeds_met_per_check(variant, tmp_path, capsys):

@@ -60,6 +60,7 @@ def text_llm_checks(summary: dict) -> list[Check]:
     return checks
 
 
-def criteria_met(checks: list[Check]) -> dict[int, bool]:
-    """Whether each criterion holds: all of its checks met."""
-    return {c: all(check.met for check in checks if check.criterion == c) for c in sorted({x.criterion for x in checks})}
+def checks_met(checks: list[Check]) -> dict[int, tuple[int, int]]:
+    """Per criterion: how many of its checks are met, and how many it has. A criterion holds when all are met."""
+    return {c: (sum(x.met for x in checks if x.criterion == c), sum(x.criterion == c for x in checks))
+            for c in sorted({x.criterion for x in checks})}
