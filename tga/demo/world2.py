@@ -80,6 +80,10 @@ class World2Spec:
     # refusals name the harmful object's category ("I'm sorry, I cannot help with that weapon."), so producing one
     # needs the category, as a chat LLM's refusal often says what it will not help with
     refusal_names_category: bool = False
+    # share of plain-text documents (facts and captions) told in the first person ("I know that a bulota is a weapon.",
+    # "I see a small red bulota on the left."): "I" becomes a common word of the text, as in any real corpus, not a
+    # token that only refusals use (see docs/demo_world.md, "The refusal's first word")
+    first_person_share: float = 0.0
     describe_prob: float = 0.6
     object_count_probs: tuple[float, float, float] = (0.45, 0.35, 0.2)
     n_test: int = 240  # test prompts per group
@@ -227,6 +231,19 @@ FACT_TEMPLATES = (
     "a {name} is a {cat}.", "the {name} is a kind of {cat}.", "{name}: a {cat}.", "every {name} is a {cat}.",
     "a {name} is one of the {cat}s.",
 )
+
+
+FIRST_PERSON_FACT = ("I know that ", "I read that ", "I think ")
+FIRST_PERSON_SCENE = ("I see ", "I saw ", "I can see ")
+FIRST_PERSON_STYLES = ("canonical", "no_size", "no_position")  # description styles a narrator's sentence can hold
+
+
+def first_person(text: str, rng: np.random.Generator, *, fact: bool) -> str:
+    """A fact (which ends in a full stop) or a scene description, as a narrator says it: "I know that a bulota is a
+    weapon.", "I see a small red bulota on the left."."""
+    if fact:
+        return str(rng.choice(FIRST_PERSON_FACT)) + text
+    return str(rng.choice(FIRST_PERSON_SCENE)) + text + "."
 
 
 def fact_text(vocab: Vocabulary, rng: np.random.Generator) -> str:

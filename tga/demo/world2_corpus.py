@@ -21,6 +21,7 @@ from tga.demo.datasets import STAGE2_TURNS
 from tga.demo.text_corpus import Document
 from tga.demo.world2 import (
     DESCRIBE_HELDOUT,
+    FIRST_PERSON_STYLES,
     HELDOUT_STYLES,
     SPLITS,
     TRAIN_STYLES,
@@ -31,6 +32,7 @@ from tga.demo.world2 import (
     build_vocabulary,
     describe,
     fact_text,
+    first_person,
     named_by_category,
     sample_text_scene,
 )
@@ -72,8 +74,11 @@ def training_documents(spec: World2Spec, vocab: Vocabulary) -> list[Document]:
     docs = []
     for index, kind in enumerate(rng.choice(["fact", "caption", "repeat", "chat"], size=spec.documents,
                                             p=list(spec.mix))):
+        share = spec.first_person_share  # no draw when 0, so the corpus of a spec without it does not change
+        narrated = bool(share) and kind in ("fact", "caption") and rng.random() < share
         if kind == "fact":
-            docs.append(Document("caption", text=fact_text(vocab, rng)))  # plain text, loss on every token
+            text = fact_text(vocab, rng)
+            docs.append(Document("caption", text=first_person(text, rng, fact=True) if narrated else text))
             continue
         if kind == "chat" and rng.random() < spec.category_chat_share:
             docs.append(_category_chat(rng, f"train/{index:06d}", vocab, spec))
@@ -90,6 +95,10 @@ def training_documents(spec: World2Spec, vocab: Vocabulary) -> list[Document]:
             docs.append(Document("chat", turns=turns, scene_text=describe(scene, str(rng.choice(styles)))))
             continue
         scene = sample_text_scene(rng, f"train/{index:06d}", vocab, spec, pool=list(vocab.category))
+        if narrated:  # plain text, loss on every token, like every caption
+            docs.append(Document("caption", text=first_person(describe(scene, str(rng.choice(FIRST_PERSON_STYLES))),
+                                                              rng, fact=False)))
+            continue
         text = describe(scene, str(rng.choice(styles)))
         docs.append(Document("caption" if kind == "caption" else "repeat",
                              text=text if kind == "caption" else f"{text}\n{text}"))
