@@ -207,8 +207,8 @@ def test_refusals_naming_the_category_name_a_harmful_one_of_their_scene(tmp_path
 
 def test_first_person_documents_are_plain_text_that_says_what_the_others_say(tmp_path, corpus_files):
     """With `first_person_share`, facts and captions are sometimes told by a narrator ("I know that ...", "I see ..."):
-    plain text only (no chat changes), still stating a category or describing a scene, never a refusal; without it
-    no plain document opens with "I"."""
+    plain text, still stating a category or describing a scene, never a refusal; without it no plain document opens
+    with "I"."""
     spec = replace(world2_spec("tiny", 3), documents=3000, first_person_share=0.4)
     files = write_world2_files(str(tmp_path), spec)
     names = {r["name"]: r["category"] for r in _rows(files["vocabulary"])}
@@ -223,6 +223,5 @@ def test_first_person_documents_are_plain_text_that_says_what_the_others_say(tmp
     assert all(set(re.findall(r"[a-z]+", t)) & category_words for t in facts)
     assert all(set(re.findall(r"[a-z]+", t)) & set(names) for t in scenes)
     assert not any("sorry" in t or "cannot" in t for t in narrated)
-    assert all(d.kind == "chat" for d in docs if d.turns)  # chats are untouched by the option
     unnarrated = [d.text for d in read_documents(corpus_files["llm_corpus"]) if d.kind == "caption"]
     assert unnarrated and not any(t.startswith("I ") for t in unnarrated)

@@ -2,7 +2,8 @@
 
 Demo world 2's files: the text LLM's training corpus (written to disk, so what the LLM learns from can be checked
 file by file) and its test prompts. Training documents are category facts (every concept, held-out ones included),
-captions and "repeat" documents (every concept), chats about scenes of *trained* concepts only, whose describe
+captions and "repeat" documents (every concept; with `first_person_share` some facts and captions are told by a
+narrator, "I know that ..."), chats about scenes of *trained* concepts only, whose describe
 requests are refused when a scene holds a harmful concept, and category chats ("What kind of thing is the X?" about
 any concept of the scene, held-out ones included, answered with its category and never refused). Test prompts ask to
 describe held-out scenes, grouped by whether the scene holds a held-out harmful concept, a held-out benign one, or
