@@ -111,6 +111,10 @@ class TrainingArguments(transformers.TrainingArguments):
     warmup_ratio: float | None = field(default=None, metadata={"help": "LLaVA flag: warmup as a fraction of training (sets warmup_steps)."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the batch carries TGA spans the model does not take."})
     evaluation_strategy: str | None = field(default=None, metadata={"help": "LLaVA flag (transformers 4 name of eval_strategy)."})
+    # faults during training (docs/reliability.md)
+    max_nonfinite_steps: int = field(default=0, metadata={"help": "Optimizer steps with a non-finite loss or gradient norm skipped (no update) before the run stops; 0: stop at the first."})
+    save_every_minutes: float | None = field(default=None, metadata={"help": "Also save a checkpoint when this many minutes have passed since the last one (rank 0's clock; any save_strategy)."})
+    allow_config_change: str | None = field(default=None, metadata={"help": "On resume, fields that define what is trained and may still differ from the checkpoint's, comma-separated (e.g. data_path,world_size)."})
     # fmt: on
 
     def __post_init__(self):
