@@ -14,7 +14,7 @@ PIP_INSTALL := $(BIN)/pip install --quiet --no-compile
 # demo phases side by side, each with cores / jobs threads (same numbers; on 2 cores no faster, see docs/demo.md)
 DEMO_JOBS ?= 1
 
-.PHONY: install eval-env test test-fast demo demo-seeds demo-models demo-tiny lint format clean
+.PHONY: install eval-env t4-env test test-fast demo demo-seeds demo-models demo-tiny lint format clean
 
 install: $(STAMP)
 
@@ -41,11 +41,25 @@ $(EVAL_STAMP): requirements-eval.txt $(STAMP)
 	$(EVAL_VENV)/bin/pip install --quiet --no-compile -r requirements-eval.txt
 	touch $(EVAL_STAMP)
 
+# transformers 4.57.1 in its own environment layered on $(VENV) the same way (requirements-t4.txt): the project runs
+# on transformers 5; tests/test_export_transformers4.py loads `tga export --layout transformers4` folders in this one.
+T4_VENV ?= .venv-t4
+T4_STAMP := $(T4_VENV)/.installed
+
+t4-env: $(T4_STAMP)
+
+$(T4_STAMP): requirements-t4.txt $(STAMP)
+	$(PYTHON) -m venv $(T4_VENV)
+	$(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
+		> "$$($(T4_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/tga_base_env.pth"
+	$(T4_VENV)/bin/pip install --quiet --no-compile -r requirements-t4.txt
+	touch $(T4_STAMP)
+
 # `make test` is the whole suite (CI: .ci/run); `make test-fast` leaves out the tests marked slow (end-to-end demo
 # runs, the installed package), distributed (2 DeepSpeed CPU ranks) and gpu (pyproject.toml). Both list the slowest.
 PYTEST := $(BIN)/pytest -q --durations=15
 
-test: install eval-env
+test: install eval-env t4-env
 	$(PYTEST)
 
 test-fast: install

@@ -19,7 +19,7 @@ from transformers import AutoConfig, LlavaForConditionalGeneration
 
 from tga.data.chat_templates import chat_template
 from tga.errors import ConfigError
-from tga.export_transformers4 import convert_to_transformers4
+from tga.export_transformers4 import MODEL_INPUT_NAMES, convert_to_transformers4, read_json, write_json
 from tga.model.lora import has_lora_keys, merge_lora_checkpoint_state
 from tga.model.projector import DEFAULT_PROJECTOR, build_projector
 from tga.model.tokenizer import load_tokenizer
@@ -53,6 +53,14 @@ def image_processor_for(path: str):
     if tower is None:
         raise ConfigError(f"{path}: no image processor and no tga_config.json naming the vision tower")
     return load_image_processor(tower, aspect_ratio)
+
+
+def pin_model_input_names(folder: str) -> None:
+    """The saved tokenizer returns only what Llava takes (input_ids, attention_mask). transformers 5's default, written
+    out so that a base tokenizer whose config names token_type_ids (which `generate` rejects as unused) cannot carry
+    them into the export; the transformers 4 layout needs it in any case (tga/export_transformers4.py)."""
+    config_file = os.path.join(folder, "tokenizer_config.json")
+    write_json(config_file, {**read_json(config_file), "model_input_names": list(MODEL_INPUT_NAMES)})
 
 
 def model_from_deepspeed_checkpoint(path: str) -> LlavaForConditionalGeneration:
@@ -124,6 +132,7 @@ def export_hf_llava(source: str, out_dir: str, layout: str = "transformers5") ->
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     build_processor(model, tokenizer, image_processor_for(source)).save_pretrained(out_dir)
+    pin_model_input_names(out_dir)
     if layout == "transformers4":
         convert_to_transformers4(out_dir)
     return out_dir

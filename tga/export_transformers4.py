@@ -12,8 +12,15 @@ it re-initialises every vision-tower weight (it expects `vision_tower.vision_mod
 - tokenizer: `tokenizer_class` `PreTrainedTokenizerFast` (it runs tokenizer.json as it is; 4.x has no
   `TokenizersBackend`), `additional_special_tokens` instead of 5.x's `extra_special_tokens` list, the chat template
   inside tokenizer_config.json;
-- processor: `preprocessor_config.json` (the `LlavaImageProcessor` with its `do_pad`), `processor_config.json`
-  without the nested image processor, `chat_template.json` for the processor.
+- tokenizer inputs: `model_input_names` = input_ids, attention_mask. 4.x's `PreTrainedTokenizerFast` otherwise returns
+  `token_type_ids` too (its class default), which `LlavaForConditionalGeneration` does not take, so
+  `model.generate(**processor(...))` fails with "model_kwargs are not used by the model: ['token_type_ids']";
+- processor: `preprocessor_config.json` (the image processor with its `do_pad`) as `LlavaImageProcessorFast`,
+  `processor_config.json` without the nested image processor, `chat_template.json` for the processor. 4.x's
+  `AutoImageProcessor` loads the torchvision (fast) processor only when the saved type ends in `Fast` (or the caller
+  passes `use_fast=True`); the saved `LlavaImageProcessor` would give 4.x's PIL one, which resizes differently (pixels
+  up to 0.015 from training's). transformers 5's `LlavaImageProcessor` is the torchvision one training uses, and 5
+  loads the `Fast` name as that class.
 """
 
 from __future__ import annotations
@@ -24,6 +31,12 @@ import os
 from safetensors.torch import load_file, save_file
 
 from tga.errors import ConfigError
+
+# The tokenizer outputs LlavaForConditionalGeneration takes (forward and generate), written into the tokenizer config.
+MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]
+# 4.x's name of the torchvision image processor, the one that computes the training pixels (transformers 5's
+# LlavaImageProcessor); 4.x's `LlavaImageProcessor` is its PIL/numpy one.
+IMAGE_PROCESSOR_TYPE = "LlavaImageProcessorFast"
 
 # transformers 5 names (in memory or as saved) -> the 4.x checkpoint names, first match wins.
 KEY_PREFIXES = (
@@ -102,9 +115,18 @@ def tokenizer_config_for_transformers4(tokenizer: dict, chat_template: str | Non
     elif extra:
         tokenizer["additional_special_tokens"] = sorted(set(tokenizer.get("additional_special_tokens", [])) | set(extra))
     tokenizer.pop("backend", None)
+    tokenizer["model_input_names"] = list(MODEL_INPUT_NAMES)  # not 4.x's default, which adds token_type_ids
     if chat_template:
         tokenizer["chat_template"] = chat_template
     return tokenizer
+
+
+def image_processor_config_for_transformers4(image_processor: dict, processor_class: str) -> dict:
+    """The saved image processor as 4.x's fast (torchvision) class, so `AutoProcessor` loads it by default."""
+    config = {**image_processor, "processor_class": processor_class}
+    if config.get("image_processor_type") == "LlavaImageProcessor":
+        config["image_processor_type"] = IMAGE_PROCESSOR_TYPE
+    return config
 
 
 def convert_to_transformers4(folder: str) -> str:
@@ -120,8 +142,8 @@ def convert_to_transformers4(folder: str) -> str:
     processor = read_json(processor_file)
     image_processor = processor.pop("image_processor", None)
     if image_processor is not None:
-        write_json(os.path.join(folder, "preprocessor_config.json"),
-                   {**image_processor, "processor_class": processor.get("processor_class", "LlavaProcessor")})
+        write_json(os.path.join(folder, "preprocessor_config.json"), image_processor_config_for_transformers4(
+            image_processor, processor.get("processor_class", "LlavaProcessor")))
     write_json(processor_file, processor)
     if chat_template:
         write_json(os.path.join(folder, "chat_template.json"), {"chat_template": chat_template})
