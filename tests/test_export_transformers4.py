@@ -205,3 +205,18 @@ def test_unknown_weight_names_and_layouts_are_errors(folders, tmp_path):
         export_hf_llava(folders["source"], str(tmp_path / "x"), layout="transformers3")
     assert main(["export", folders["source"], str(tmp_path / "cli"), "--layout", "transformers4"]) == 0
     assert read(str(tmp_path / "cli"), "config.json")["text_config"]["rope_theta"] == 1e6
+
+
+def test_a_resize_run_keeps_its_aspect_ratio_through_the_transformers4_export(folders, tiny_assets, tmp_path):
+    """The v4 layout saves the fast image processor's name; tga still reads the run's padding from it."""
+    from tga.model.vision import saved_aspect_ratio
+
+    source = tmp_path / "resize"
+    folders["model"].save_pretrained(source)
+    folders["tokenizer"].save_pretrained(source)
+    processor = build_processor(folders["model"], folders["tokenizer"],
+                                load_image_processor(tiny_assets["vision"], "resize"))
+    processor.save_pretrained(source)
+    exported = export_hf_llava(str(source), str(tmp_path / "v4"), layout="transformers4")
+    assert read(exported, "preprocessor_config.json")["image_processor_type"] == "LlavaImageProcessorFast"
+    assert saved_aspect_ratio(exported) == "resize" and saved_aspect_ratio(folders["v4"]) == "pad"

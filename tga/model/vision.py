@@ -88,7 +88,7 @@ def saved_aspect_ratio(path: str) -> str | None:
             with open(config_file, encoding="utf-8") as handle:
                 settings = json.load(handle)
             settings = settings.get("image_processor", settings)
-            if settings.get("image_processor_type") == "LlavaImageProcessor":
+            if settings.get("image_processor_type") in ("LlavaImageProcessor", "LlavaImageProcessorFast"):
                 return "pad" if settings.get("do_pad") else "resize"
     return None
 
