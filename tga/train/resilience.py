@@ -28,7 +28,9 @@ from transformers import TrainerCallback
 
 from tga.errors import TGAError
 from tga.train.distributed import barrier, is_main_process
+from tga.train.launcher_watch import LauncherWatch
 from tga.train.preflight import storage_error
+from tga.train.save_schedule import SaveSchedule, save_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -196,8 +198,13 @@ class GracefulStop(TrainerCallback):
     def handle(self, signum, frame) -> None:
         if self.requested:  # the SLURM wrapper repeats the signal until the ranks exit
             return
-        self.requested = True
-        logger.warning("signal %d received: saving a checkpoint at the end of this step, then stopping", signum)
+        self.request(f"signal {signum} received")
+
+    def request(self, reason: str) -> None:
+        """Ask for the stop a signal gives (also from another thread: `tga.train.launcher_watch`)."""
+        if not self.requested:
+            self.requested = True
+            logger.warning("%s: saving a checkpoint at the end of this step, then stopping", reason)
 
     def on_train_begin(self, args, state, control, **kwargs):
         for number in self.signals:
@@ -253,11 +260,14 @@ class RunGuards:
     checkpoint: CheckpointGuard
     stop: GracefulStop
     report: BadRecordsReport
+    launcher: LauncherWatch | None = None
+    schedule: SaveSchedule | None = None
 
     @property
     def callbacks(self) -> list[TrainerCallback]:
-        # The stop callback first: the checkpoint guard must see the save it requests.
-        return [self.stop, self.checkpoint, self.report]
+        # The stop and schedule callbacks first: the checkpoint guard must see the saves they request.
+        ordered = [self.stop, self.schedule, self.checkpoint, self.report, self.launcher]
+        return [callback for callback in ordered if callback is not None]
 
     def failure(self, error: Exception, output_dir: str) -> TGAError | None:
         """A clear error for an exception that escaped training while a checkpoint was written, or None."""
@@ -272,6 +282,9 @@ def run_guards(training_args, log) -> RunGuards:
         training_args: the run's TrainingArguments (its `save_total_limit` is set to None).
         log: the dataset's `BadRecordLog`.
     """
-    guards = RunGuards(CheckpointGuard(training_args.save_total_limit), GracefulStop(), BadRecordsReport(log))
+    stop = GracefulStop()
+    guards = RunGuards(CheckpointGuard(training_args.save_total_limit), stop, BadRecordsReport(log),
+                       launcher=LauncherWatch(stop.request),  # a `deepspeed` command killed alone stops the ranks
+                       schedule=save_schedule(getattr(training_args, "save_every_minutes", None)))  # not in HF's args
     training_args.save_total_limit = None
     return guards
