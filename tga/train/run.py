@@ -38,6 +38,7 @@ from tga.train.distributed import is_main_process, prepare_process
 from tga.train.plots import plot_training_curves
 from tga.train.preflight import check_output_dir, preflight
 from tga.train.resilience import resolve_resume_checkpoint, run_guards
+from tga.train.run_lock import claim_output_dir
 from tga.train.stages import apply_lora_stage, apply_stage, trainable_components
 from tga.train.tracking import ResolvedConfigCallback, git_revision
 from tga.train.trainer import GuideSettings, TGATrainer
@@ -146,71 +147,73 @@ def run_stage(stage: str, argv: list[str]) -> str:
                           "(deepspeed_configs/zero2.json) or --tga_target live")
     if model_args.lora_enable and "llm" not in components:
         raise ConfigError("--lora_enable is for stage 2 (finetune), where the LLM trains")
-    if is_main_process():
-        check_output_dir(training_args.output_dir)  # a read-only or missing mount fails now, not at the first save
-    resolved = write_resolved_config(training_args.output_dir, stage, argv, model_args, data_args, tga_args,
-                                     training_args)
-    started = time.time()
-    set_seed(training_args.seed)  # the resized embedding rows and the projector init are random
-    tokenizer, model, image_processor = build_model_and_processors(model_args, training_args,
-                                                                   data_args.image_aspect_ratio)
-    if model_args.pretrain_mm_mlp_adapter:
-        load_projector(model, model_args.pretrain_mm_mlp_adapter)
-    apply_stage(model, components)
-    if model_args.lora_enable:  # adapters on the LLM's linear layers, injected in place: the model stays a Llava
-        model = add_lora(model, r=model_args.lora_r, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout,
-                         targets=model_args.lora_target, bias=model_args.lora_bias, wrap=False)
-        apply_lora_stage(model, components)
-    dataset = build_dataset(data_args, tga_args, model, tokenizer, image_processor, training_args, stage=stage)
-    preflight(training_args.output_dir, model)
-    zero3_multi_rank = training_args.world_size > 1 and bool(training_args.deepspeed)
-    trainer = TGATrainer(
-        model=model, args=training_args, train_dataset=dataset, data_collator=VLMCollator(tokenizer.pad_token_id),
-        processing_class=tokenizer, guide=guide_settings(tga_args, model), projector_lr=training_args.mm_projector_lr,
-        always_run_all_modules=zero3_multi_rank, callbacks=[ResolvedConfigCallback(resolved)],
-    )
-    if training_args.include_num_input_tokens_seen == "no":
-        training_args.include_num_input_tokens_seen = "non_padding"  # the token count of cost.json
-    if trainer.guide is not None and tga_args.tga_bank:  # built from the records at train start if missing
-        trainer.guide.bank_rows = lambda: caption_rows(dataset.dataset.records, dataset.dataset.builder)
-    guide = trainer.guide  # its caption pass is a forward-only pass; a frozen target is a second copy of the LLM
-    trainer.add_callback(CostCallback(
-        training_args.output_dir, f"{'tga' if tga_args.tga else 'llava'}-{stage}",
-        reference=guide.frozen_language_model if guide else None,
-        reference_params=guide.caption_parameters(model) if guide else None,
-        reference_tokens=guide.caption_tokens if guide else None,
-    ))
-    guards = run_guards(training_args, dataset.log)
-    for callback in guards.callbacks:
-        trainer.add_callback(callback)
-    try:
-        trainer.train(resume_from_checkpoint=resolve_resume(training_args))
-    except Exception as error:  # a failed checkpoint write becomes an error naming the path; others pass through
-        failure = guards.failure(error, training_args.output_dir)
-        if failure is None:
-            raise
-        raise failure from error
-    if guards.stop.stopped:  # SIGTERM: a complete checkpoint is saved; a rerun with --resume_from_checkpoint auto continues
-        raise TrainingStopped(f"stage {stage} stopped by a signal at step {trainer.state.global_step}; a complete "
-                              f"checkpoint is in {training_args.output_dir}: rerun with --resume_from_checkpoint auto "
-                              "to continue")
-    projector_only = stage == "pretrain" and "llm" not in components
-    with no_progress_bars():  # the training bar is the stage's progress line; writing shards is not
-        if projector_only:
-            save_projector(model, training_args.output_dir)
-        if model_args.lora_enable:  # merged full folder + lora_adapter/
-            save_lora_model_folder(trainer, model, tokenizer, image_processor, training_args.output_dir,
-                                   base_model=model_args.model_name_or_path)
-        elif not projector_only or training_args.save_full_model:
-            save_model_folder(trainer, model, tokenizer, image_processor, training_args.output_dir)
-        elif is_main_process():
-            model.config.save_pretrained(training_args.output_dir)
-            tokenizer.save_pretrained(training_args.output_dir)
-    if is_main_process():
-        trainer.save_state()  # trainer_state.json: the log history (losses, TGA metrics)
-        plot_training_curves(trainer.state.log_history, training_args.output_dir)
-    logger.info("stage %s finished in %.1f s -> %s", stage, time.time() - started, training_args.output_dir)
-    return training_args.output_dir
+    with claim_output_dir(training_args.output_dir):  # one run at a time per folder, until the stage ends
+        if is_main_process():
+            check_output_dir(training_args.output_dir)  # a read-only or missing mount fails now, not at the first save
+        resolved = write_resolved_config(training_args.output_dir, stage, argv, model_args, data_args, tga_args,
+                                         training_args)
+        started = time.time()
+        set_seed(training_args.seed)  # the resized embedding rows and the projector init are random
+        tokenizer, model, image_processor = build_model_and_processors(model_args, training_args,
+                                                                       data_args.image_aspect_ratio)
+        if model_args.pretrain_mm_mlp_adapter:
+            load_projector(model, model_args.pretrain_mm_mlp_adapter)
+        apply_stage(model, components)
+        if model_args.lora_enable:  # adapters on the LLM's linear layers, injected in place: the model stays a Llava
+            model = add_lora(model, r=model_args.lora_r, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout,
+                             targets=model_args.lora_target, bias=model_args.lora_bias, wrap=False)
+            apply_lora_stage(model, components)
+        dataset = build_dataset(data_args, tga_args, model, tokenizer, image_processor, training_args, stage=stage)
+        preflight(training_args.output_dir, model)
+        zero3_multi_rank = training_args.world_size > 1 and bool(training_args.deepspeed)
+        trainer = TGATrainer(
+            model=model, args=training_args, train_dataset=dataset, data_collator=VLMCollator(tokenizer.pad_token_id),
+            processing_class=tokenizer, guide=guide_settings(tga_args, model),
+            projector_lr=training_args.mm_projector_lr, always_run_all_modules=zero3_multi_rank,
+            callbacks=[ResolvedConfigCallback(resolved)],
+        )
+        if training_args.include_num_input_tokens_seen == "no":
+            training_args.include_num_input_tokens_seen = "non_padding"  # the token count of cost.json
+        if trainer.guide is not None and tga_args.tga_bank:  # built from the records at train start if missing
+            trainer.guide.bank_rows = lambda: caption_rows(dataset.dataset.records, dataset.dataset.builder)
+        guide = trainer.guide  # its caption pass is a forward-only pass; a frozen target is a second copy of the LLM
+        trainer.add_callback(CostCallback(
+            training_args.output_dir, f"{'tga' if tga_args.tga else 'llava'}-{stage}",
+            reference=guide.frozen_language_model if guide else None,
+            reference_params=guide.caption_parameters(model) if guide else None,
+            reference_tokens=guide.caption_tokens if guide else None,
+        ))
+        guards = run_guards(training_args, dataset.log)
+        for callback in guards.callbacks:
+            trainer.add_callback(callback)
+        try:
+            trainer.train(resume_from_checkpoint=resolve_resume(training_args))
+        except Exception as error:  # a failed checkpoint write becomes an error naming the path; others pass through
+            failure = guards.failure(error, training_args.output_dir)
+            if failure is None:
+                raise
+            raise failure from error
+        if guards.stop.stopped:  # SIGTERM: a complete checkpoint is saved; rerun with --resume_from_checkpoint auto
+            raise TrainingStopped(f"stage {stage} stopped by a signal at step {trainer.state.global_step}; a complete "
+                                  f"checkpoint is in {training_args.output_dir}: rerun with --resume_from_checkpoint "
+                                  "auto to continue")
+        projector_only = stage == "pretrain" and "llm" not in components
+        with no_progress_bars():  # the training bar is the stage's progress line; writing shards is not
+            if projector_only:
+                save_projector(model, training_args.output_dir)
+            if model_args.lora_enable:  # merged full folder + lora_adapter/
+                save_lora_model_folder(trainer, model, tokenizer, image_processor, training_args.output_dir,
+                                       base_model=model_args.model_name_or_path)
+            elif not projector_only or training_args.save_full_model:
+                save_model_folder(trainer, model, tokenizer, image_processor, training_args.output_dir)
+            elif is_main_process():
+                model.config.save_pretrained(training_args.output_dir)
+                tokenizer.save_pretrained(training_args.output_dir)
+        if is_main_process():
+            trainer.save_state()  # trainer_state.json: the log history (losses, TGA metrics)
+            plot_training_curves(trainer.state.log_history, training_args.output_dir)
+        logger.info("stage %s finished in %.1f s -> %s", stage, time.time() - started, training_args.output_dir)
+        return training_args.output_dir
 
 
 def resolve_resume(training_args) -> str | bool | None:

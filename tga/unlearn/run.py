@@ -7,6 +7,7 @@ but the LLM (optionally LoRA on the LLM), load the reference, build the forget /
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from tga.train.checkpoint import build_processor, save_model_folder
 from tga.train.cost import CostCallback, TokenCounter, numel
 from tga.train.distributed import is_main_process, prepare_process
 from tga.train.run import model_dtype, resolve_resume, write_resolved_config
+from tga.train.run_lock import claim_output_dir
 from tga.train.stages import apply_stage, component_modules
 from tga.unlearn.config import UnlearnArguments, parse_unlearn_config
 from tga.unlearn.data import load_pairs, load_refusals
@@ -80,11 +82,14 @@ class UnlearnRun:
     dataset: UnlearnDataset
 
 
-def prepare_unlearning(argv: list[str]) -> UnlearnRun:
-    """Parse options, load model, reference and data, and build the trainer with its cost callback."""
+def prepare_unlearning(argv: list[str], held: contextlib.ExitStack | None = None) -> UnlearnRun:
+    """Parse options, load model, reference and data, and build the trainer with its cost callback. With `held`, the
+    output folder is claimed (tga/train/run_lock.py) until the caller closes it."""
     argv = prepare_process(argv)
     args, training_args = parse_unlearn_config(argv)
     check_model_source("model", args.model)
+    if held is not None:
+        held.enter_context(claim_output_dir(training_args.output_dir))
     write_resolved_config(training_args.output_dir, "unlearn", argv, args, training_args)
     set_seed(training_args.seed)
     tokenizer = load_tokenizer(args.model, model_max_length=training_args.model_max_length)
@@ -124,7 +129,8 @@ def run_unlearn(argv: list[str]) -> str:
     Returns:
         The output folder: a complete VLM folder plus `unlearn_summary.json` and `cost.json`.
     """
-    return train_and_save(prepare_unlearning(argv))
+    with contextlib.ExitStack() as held:  # the output folder stays claimed until the model is saved
+        return train_and_save(prepare_unlearning(argv, held))
 
 
 def train_and_save(run: UnlearnRun) -> str:
