@@ -34,12 +34,17 @@ EVAL_STAMP := $(EVAL_VENV)/.installed
 
 eval-env: $(EVAL_STAMP)
 
-$(EVAL_STAMP): requirements-eval.txt $(STAMP)
-	$(PYTHON) -m venv $(EVAL_VENV)
+# A virtualenv layered on $(VENV): $(call layered_env,FOLDER,REQUIREMENTS)
+define layered_env
+	$(PYTHON) -m venv $(1)
 	$(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
-		> "$$($(EVAL_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/tga_base_env.pth"
-	$(EVAL_VENV)/bin/pip install --quiet --no-compile -r requirements-eval.txt
-	touch $(EVAL_STAMP)
+		> "$$($(1)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/tga_base_env.pth"
+	$(1)/bin/pip install --quiet --no-compile -r $(2)
+	touch $(1)/.installed
+endef
+
+$(EVAL_STAMP): requirements-eval.txt $(STAMP)
+	$(call layered_env,$(EVAL_VENV),requirements-eval.txt)
 
 # transformers 4.57.1 in its own environment layered on $(VENV) the same way (requirements-t4.txt): the project runs
 # on transformers 5; tests/test_export_transformers4.py loads `tga export --layout transformers4` folders in this one.
@@ -49,11 +54,7 @@ T4_STAMP := $(T4_VENV)/.installed
 t4-env: $(T4_STAMP)
 
 $(T4_STAMP): requirements-t4.txt $(STAMP)
-	$(PYTHON) -m venv $(T4_VENV)
-	$(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
-		> "$$($(T4_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/tga_base_env.pth"
-	$(T4_VENV)/bin/pip install --quiet --no-compile -r requirements-t4.txt
-	touch $(T4_STAMP)
+	$(call layered_env,$(T4_VENV),requirements-t4.txt)
 
 # `make test` is the whole suite (CI: .ci/run); `make test-fast` leaves out the tests marked slow (end-to-end demo
 # runs, the installed package), distributed (2 DeepSpeed CPU ranks) and gpu (pyproject.toml). Both list the slowest.

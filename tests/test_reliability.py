@@ -8,6 +8,7 @@ import signal
 
 import pytest
 import torch
+from tiny_parts import Regression
 from transformers import Trainer, TrainerCallback
 from transformers import TrainingArguments as HFTrainingArguments
 
@@ -42,6 +43,9 @@ def test_marker_detects_missing_and_truncated_files(tmp_path):
     assert is_complete(str(folder))
     (folder / "global_step" / "optim_states.pt").write_bytes(b"y" * 10)  # cut short after marking
     assert not is_complete(str(folder))
+    folder = fake_checkpoint(tmp_path, 7)
+    (folder / "model.safetensors").write_bytes(b"z" * 100)  # same size, other bytes (another run's file, corruption)
+    assert is_complete(str(folder), checksum=False) and not is_complete(str(folder))
     assert not is_complete(str(fake_checkpoint(tmp_path, 5, complete=False)))
     (fake_checkpoint(tmp_path, 6) / COMPLETE_MARKER).write_text("{not json")
     assert not is_complete(str(tmp_path / "checkpoint-6"))
@@ -65,15 +69,6 @@ def test_rotation_never_deletes_the_last_complete_checkpoint(tmp_path):
     assert sorted(os.path.basename(p) for p in removed) == ["checkpoint-2", "checkpoint-4"]
     assert latest_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-6")
     assert rotate_complete(str(tmp_path), keep=0, protected=set()) == []  # keep <= 0 still keeps the newest
-
-
-class Regression(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.linear = torch.nn.Linear(4, 1)
-
-    def forward(self, x, labels):
-        return {"loss": torch.nn.functional.mse_loss(self.linear(x).squeeze(-1), labels)}
 
 
 class SignalAtStep(TrainerCallback):
@@ -103,6 +98,8 @@ def train(output_dir, *, max_steps=6, resume=None, callbacks=(), keep=None):
         if failure is None:
             raise
         raise failure from error
+    finally:
+        guards.stop.release()  # what run_stage does after the final save
     losses = {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
     return trainer, guards.stop, losses
 

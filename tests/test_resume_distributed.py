@@ -1,8 +1,10 @@
 """2-rank DeepSpeed ZeRO-3 (CPU) runs of stage 2 with TGA: a run killed with SIGKILL and resumed with
 `--resume_from_checkpoint auto` reproduces the losses of an uninterrupted run exactly, a half-written checkpoint
-is set aside, SIGTERM saves a complete checkpoint and exits 0, and bad records are skipped and reported.
+is set aside, SIGTERM saves a complete checkpoint and exits as stopped, bad records are skipped and reported, a resume
+on one rank of a 2-rank checkpoint is refused by name, and a diverged run stops both ranks with nothing non-finite
+marked complete.
 
-Four launches (about 40 s each)."""
+Six launches (about 40 s each on an idle machine)."""
 
 import json
 import os
@@ -15,6 +17,7 @@ import time
 import psutil
 import pytest
 import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from safetensors.torch import save_file
 
 from tga.model.tokenizer import load_tokenizer
@@ -150,3 +153,26 @@ def test_sigterm_saves_a_complete_checkpoint_and_exits_as_stopped(setup):
     assert not (output / "model.safetensors").exists()  # not a finished run: no final model folder
     state = json.loads((output / f"checkpoint-{saved[-1]}" / "trainer_state.json").read_text())
     assert state["global_step"] == saved[-1]
+
+
+def test_a_resume_on_another_number_of_ranks_is_refused_by_name(setup, reference):
+    output = setup["root"] / "one_rank"
+    shutil.copytree(reference, output)
+    one_process = [sys.executable, *command(setup, output, "--resume_from_checkpoint", "auto",
+                                            "--max_steps", str(MAX_STEPS + 2))[5:]]  # no launcher: one rank
+    result = subprocess.run(one_process, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert "world_size: the checkpoint was written by 2 rank(s), this run has 1" in result.stderr
+
+
+def test_non_finite_training_stops_both_ranks_and_marks_nothing_non_finite(setup):
+    output = setup["root"] / "diverged"
+    code, log = finish(start(setup, output, "--learning_rate", "1e30", "--save_steps", "1"))
+    assert code != 0 and "finetune: error: training diverged at step" in log, log[-3000:]
+    assert not (output / "model.safetensors").exists()
+    for name in os.listdir(output):
+        if name.startswith("checkpoint-") and is_complete(str(output / name)):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(output / name))  # the ranks' partitions, joined
+            assert state and all(torch.isfinite(tensor).all() for tensor in state.values()), name

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tiny_parts import Regression
 from transformers import Trainer, TrainerCallback
 from transformers import TrainingArguments as HFTrainingArguments
 
@@ -28,15 +29,6 @@ SECONDS_PER_STEP = {"pretrain": 7.2, "finetune": 2.2}
 # `tga unlearn` on the paper's V100s in float32, estimated in configs/unlearn/mistral7b.yaml (no time is published).
 UNLEARN_SECONDS_PER_STEP = 15.0
 HOUR = 3600.0
-
-
-class Regression(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.linear = torch.nn.Linear(4, 1)
-
-    def forward(self, x, labels):
-        return {"loss": torch.nn.functional.mse_loss(self.linear(x).squeeze(-1), labels)}
 
 
 class FakeClock:

@@ -1,4 +1,5 @@
-"""The tiny LLaVA of the `tiny_assets` fixture with a sample builder for its data, as several tests build them."""
+"""The tiny LLaVA of the `tiny_assets` fixture with a sample builder for its data, as several tests build them, and the
+one-weight regression model the Trainer-callback tests train."""
 
 from __future__ import annotations
 
@@ -22,3 +23,14 @@ def tiny_model_and_builder(tiny_assets: dict, *, template: str = "llava_llama_2"
                             image_folder=tiny_assets["image_folder"], image_token_id=image_token_id(tokenizer),
                             num_image_tokens=model.config.image_seq_length, **options)
     return tokenizer, model, builder
+
+
+class Regression(torch.nn.Module):
+    """y = w x + b with an MSE loss: a model the HF Trainer trains in milliseconds."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 1)
+
+    def forward(self, x, labels):
+        return {"loss": torch.nn.functional.mse_loss(self.linear(x).squeeze(-1), labels)}

@@ -26,3 +26,13 @@ class TrainingStopped(TGAError):
     """
 
     exit_code = 143
+
+
+class TrainingDiverged(TGAError):
+    """The loss or the gradients stopped being finite (or the weights did) past `--max_nonfinite_steps`.
+
+    Nothing non-finite is saved or marked complete; the message names the step, the last finite loss and the newest
+    complete checkpoint. Exits with 3, so a scheduler does not requeue the run as if it had been preempted.
+    """
+
+    exit_code = 3

@@ -18,7 +18,7 @@ from tga.errors import ConfigError, TGAError
 from tga.train.distributed import is_main_process
 
 # errno values that mean "the disk or the folder will not take our files", not a bug.
-STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 class CheckpointError(TGAError):
@@ -76,6 +76,14 @@ def preflight(output_dir: str, model: torch.nn.Module) -> None:
         check_free_space(output_dir, checkpoint_bytes(model))
 
 
+def free_space(folder: str) -> str:
+    """The free space of folder's file system, in words."""
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**30:.2f} GiB free"
+    except OSError:
+        return "free space unknown"
+
+
 def storage_error(error: Exception, output_dir: str, *, saving: str | None = None) -> CheckpointError | None:
     """A `CheckpointError` naming the path for a failure to write files, or None for other errors.
 
@@ -89,10 +97,7 @@ def storage_error(error: Exception, output_dir: str, *, saving: str | None = Non
     if not is_storage and saving is None:
         return None
     path = (error.filename if isinstance(error, OSError) else None) or saving or output_dir
-    try:
-        free = f"{shutil.disk_usage(output_dir).free / 2**30:.2f} GiB free"
-    except OSError:
-        free = "free space unknown"
+    free = free_space(output_dir)
     return CheckpointError(
         f"cannot write {path} ({type(error).__name__}: {error}; {free}); the newest checkpoint with a "
         f"tga_complete.json marker in {output_dir} is intact: free space and rerun with --resume_from_checkpoint auto"

@@ -14,7 +14,6 @@ deletes old checkpoints only once the new one is marked complete.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -26,50 +25,18 @@ from dataclasses import dataclass
 import torch
 from transformers import TrainerCallback
 
-from tga.errors import TGAError
+from tga.errors import ConfigError, TGAError, TrainingDiverged
 from tga.train.distributed import barrier, is_main_process
+from tga.train.divergence import nonfinite_parameters
+from tga.train.integrity import COMPLETE_MARKER, is_complete, mark_complete, read_marker, verify
 from tga.train.launcher_watch import LauncherWatch
 from tga.train.preflight import storage_error
+from tga.train.resume_check import write_record
 from tga.train.save_schedule import SaveSchedule, save_schedule
 
 logger = logging.getLogger(__name__)
 
-COMPLETE_MARKER = "tga_complete.json"
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
-
-
-def checkpoint_files(folder: str) -> dict[str, int]:
-    """Relative path -> size of every file under a checkpoint folder (the marker excluded)."""
-    files = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(root, name)
-            relative = os.path.relpath(path, folder)
-            if relative != COMPLETE_MARKER and not name.endswith(".tmp"):
-                files[relative] = os.path.getsize(path)
-    return files
-
-
-def mark_complete(folder: str, global_step: int) -> str:
-    """Write the completion marker of a fully written checkpoint folder; returns the marker path."""
-    marker = os.path.join(folder, COMPLETE_MARKER)
-    temporary = f"{marker}.tmp"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump({"global_step": global_step, "time": time.time(), "files": checkpoint_files(folder)}, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, marker)  # the marker appears whole or not at all
-    return marker
-
-
-def is_complete(folder: str) -> bool:
-    """True when `folder` has a readable marker and every file it lists is present with the listed size."""
-    try:
-        with open(os.path.join(folder, COMPLETE_MARKER), encoding="utf-8") as handle:
-            listed = json.load(handle)["files"]
-        return all(os.path.getsize(os.path.join(folder, name)) == size for name, size in listed.items())
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
 
 
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
@@ -84,56 +51,76 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def latest_complete_checkpoint(output_dir: str) -> str | None:
-    """The newest checkpoint folder whose completion marker checks out, or None."""
+def latest_complete_checkpoint(output_dir: str, checksum: bool = True) -> str | None:
+    """The newest checkpoint folder whose marker and files check out (sizes, and checksums unless told), or None."""
     for _, path in reversed(list_checkpoints(output_dir)):
-        if is_complete(path):
+        if is_complete(path, checksum=checksum):
             return path
     return None
 
 
-def set_aside_incomplete(output_dir: str) -> list[str]:
-    """Rename incomplete `checkpoint-N` folders to `incomplete-checkpoint-N` (rank 0); returns the new paths.
+def set_aside(path: str, reason: str, prefix: str) -> str:
+    """Rename a checkpoint folder that must not be resumed from to `{prefix}-checkpoint-N` (kept for inspection,
+    invisible to HF's checkpoint discovery); returns the new path."""
+    target = os.path.join(os.path.dirname(path), f"{prefix}-{os.path.basename(path)}")
+    if os.path.exists(target):
+        target = f"{target}-{int(time.time())}"
+    os.replace(path, target)
+    logger.warning("checkpoint %s is not resumed from: %s; moved to %s", path, reason, target)
+    return target
 
-    Kept, not deleted: a user may still want to look at them. HF's own checkpoint discovery no longer sees them.
-    """
-    moved = []
-    if not is_main_process():
-        return moved
-    for _, path in list_checkpoints(output_dir):
-        if not is_complete(path):
-            target = os.path.join(output_dir, f"incomplete-{os.path.basename(path)}")
-            if os.path.exists(target):
-                target = f"{target}-{int(time.time())}"
-            os.replace(path, target)
-            logger.warning("checkpoint %s was not completely written (killed while saving?); moved to %s", path, target)
-            moved.append(target)
-    return moved
+
+def choose_auto_checkpoint(output_dir: str) -> str | None:
+    """The newest intact checkpoint of output_dir; newer ones that fail verification and older ones without a valid
+    marker are set aside (rank 0). Every rank must call this: the checksums are shared out over the ranks."""
+    chosen = None
+    for _, path in reversed(list_checkpoints(output_dir)):
+        problem = verify(path, sharded=True, checksum=chosen is None)
+        if problem is None and chosen is None:
+            chosen = path
+        elif problem is not None and is_main_process():
+            corrupt = read_marker(path) is not None and "checksum" in problem
+            set_aside(path, problem, "corrupt" if corrupt else "incomplete")
+    return chosen
 
 
 def resolve_resume_checkpoint(value: str | bool | None, output_dir: str) -> str | bool | None:
     """What to pass to `Trainer.train(resume_from_checkpoint=...)`.
 
     Args:
-        value: the `--resume_from_checkpoint` option: None, a folder, or "auto" (newest complete one, if any).
+        value: the `--resume_from_checkpoint` option: None, a folder, or "auto" (newest intact one, if any).
         output_dir: the run folder holding `checkpoint-N` folders.
 
     Returns:
         The checkpoint folder to resume from, or None to start from scratch; other values pass through.
+
+    Raises:
+        ConfigError: an explicit folder that is missing or fails its marker's checks.
     """
-    if value != "auto":
+    if value == "auto":
+        latest = choose_auto_checkpoint(output_dir)
+        barrier()  # no rank starts reading checkpoints while rank 0 renames
+        if latest is not None:
+            logger.info("resuming from the newest complete checkpoint %s", latest)
+        return latest
+    if not isinstance(value, str) or not value:
         return value
-    latest = latest_complete_checkpoint(output_dir)
-    set_aside_incomplete(output_dir)
-    barrier()  # no rank starts reading checkpoints while rank 0 renames
-    if latest is not None:
-        logger.info("resuming from the newest complete checkpoint %s", latest)
-    return latest
+    if not os.path.isdir(value):
+        raise ConfigError(f"--resume_from_checkpoint {value}: not a folder")
+    if read_marker(value) is None:
+        logger.warning("--resume_from_checkpoint %s has no %s (written by another tool, or killed while saving): its "
+                       "files cannot be verified", value, COMPLETE_MARKER)
+        return value
+    problem = verify(value, sharded=True)
+    if problem is not None:
+        raise ConfigError(f"--resume_from_checkpoint {value}: {problem}; resume from an older checkpoint or use "
+                          "--resume_from_checkpoint auto (the newest intact one)")
+    return value
 
 
 def rotate_complete(output_dir: str, keep: int, protected: set[str]) -> list[str]:
     """Delete the oldest complete checkpoints beyond `keep`; the newest complete one is always kept."""
-    complete = [path for _, path in list_checkpoints(output_dir) if is_complete(path)]
+    complete = [path for _, path in list_checkpoints(output_dir) if is_complete(path, checksum=False)]
     protected = {os.path.abspath(path) for path in protected} | ({os.path.abspath(complete[-1])} if complete else set())
     removed = []
     for path in complete:
@@ -148,13 +135,18 @@ def rotate_complete(output_dir: str, keep: int, protected: set[str]) -> list[str
 class CheckpointGuard(TrainerCallback):
     """Marks each saved checkpoint complete, then applies `save_total_limit` to complete checkpoints only.
 
+    Before marking, it writes the run's record into the folder (`tga.train.resume_check`) and checks that every
+    weight is finite: a checkpoint of a diverged model is never marked complete (`TrainingDiverged`).
+
     Args:
         keep: how many complete checkpoints to keep (None or <= 0: all). Set the Trainer's own
             `save_total_limit` to None so that it does not delete anything before the marker exists.
+        record: the run's record (`resume_check.run_record`), written into each checkpoint.
     """
 
-    def __init__(self, keep: int | None):
+    def __init__(self, keep: int | None, record: dict | None = None):
         self.keep = keep
+        self.record = record
         self.saving: str | None = None  # the checkpoint folder being written, between step end and on_save
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -164,14 +156,21 @@ class CheckpointGuard(TrainerCallback):
 
     on_epoch_end = on_step_end
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args, state, control, model=None, **kwargs):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         barrier()  # every rank has written its shards and RNG state
-        if is_main_process() and os.path.isdir(folder):
-            mark_complete(folder, state.global_step)
-            if self.keep is not None and self.keep > 0:
-                protected = {state.best_model_checkpoint} if state.best_model_checkpoint else set()
-                rotate_complete(args.output_dir, self.keep, protected)
+        bad = nonfinite_parameters(model, args.device) if model is not None else []
+        if bad:
+            raise TrainingDiverged(f"the weights are not finite at step {state.global_step} ({', '.join(bad[:3])}); "
+                                   f"{folder} is not marked complete and will not be resumed from")
+        if is_main_process() and self.record is not None and os.path.isdir(folder):
+            write_record(folder, self.record)
+        barrier()  # the record is on disk before any rank lists the folder's files
+        if os.path.isdir(folder):
+            mark_complete(folder, state.global_step, sharded=True, write=is_main_process())
+        if is_main_process() and self.keep is not None and self.keep > 0:
+            protected = {state.best_model_checkpoint} if state.best_model_checkpoint else set()
+            rotate_complete(args.output_dir, self.keep, protected)
         barrier()
         self.saving = None
         return control
@@ -181,7 +180,7 @@ class GracefulStop(TrainerCallback):
     """On SIGTERM or SIGUSR1 (or the given signals), save a checkpoint at the end of the current step and stop.
 
     The handler only sets this object's flag; at each step end the ranks agree (max over ranks) so that all of them
-    save and stop at the same step, which the collective save needs. The previous handlers come back at train end.
+    save and stop at the same step, which the collective save needs. The previous handlers come back with `release`.
 
     Args:
         signals: the signals to catch. SIGTERM is what SLURM and Kubernetes send before a kill; SIGUSR1 is the
@@ -193,11 +192,14 @@ class GracefulStop(TrainerCallback):
         self.signals = signals
         self.requested = False  # set by the handler
         self.stopped = False  # training stopped because of a signal
+        self.received: int | None = None  # the signal number
+        self.started = False  # on_train_begin ran: the checkpoint to resume from is loaded
         self.previous: dict[int, object] = {}
 
     def handle(self, signum, frame) -> None:
         if self.requested:  # the SLURM wrapper repeats the signal until the ranks exit
             return
+        self.received = signum
         self.request(f"signal {signum} received")
 
     def request(self, reason: str) -> None:
@@ -207,6 +209,7 @@ class GracefulStop(TrainerCallback):
             logger.warning("%s: saving a checkpoint at the end of this step, then stopping", reason)
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.started = True
         for number in self.signals:
             self.previous[number] = signal.signal(number, self.handle)
         return control
@@ -225,11 +228,14 @@ class GracefulStop(TrainerCallback):
             control.should_training_stop = True
         return control
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def release(self) -> int | None:
+        """Give the signals back to their previous handlers (after the final save); returns a signal that arrived
+        after the last step and was held until now, or None. The handlers stay installed past train end so that a
+        signal during the final save waits for it (tga/train/final_save.py)."""
         for number, handler in self.previous.items():
             signal.signal(number, handler)
         self.previous.clear()
-        return control
+        return self.received if self.requested and not self.stopped else None
 
 
 class BadRecordsReport(TrainerCallback):
@@ -274,16 +280,17 @@ class RunGuards:
         return storage_error(error, output_dir, saving=self.checkpoint.saving)
 
 
-def run_guards(training_args, log) -> RunGuards:
+def run_guards(training_args, log, record: dict | None = None) -> RunGuards:
     """The callbacks of a training run. The checkpoint guard takes `save_total_limit` over from the Trainer (see the
     module docstring).
 
     Args:
         training_args: the run's TrainingArguments (its `save_total_limit` is set to None).
         log: the dataset's `BadRecordLog`.
+        record: the run's record (`tga.train.resume_check.run_record`), written into every checkpoint.
     """
     stop = GracefulStop()
-    guards = RunGuards(CheckpointGuard(training_args.save_total_limit), stop, BadRecordsReport(log),
+    guards = RunGuards(CheckpointGuard(training_args.save_total_limit, record), stop, BadRecordsReport(log),
                        launcher=LauncherWatch(stop.request),  # a `deepspeed` command killed alone stops the ranks
                        schedule=save_schedule(getattr(training_args, "save_every_minutes", None)))  # not in HF's args
     training_args.save_total_limit = None

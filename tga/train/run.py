@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 from dataclasses import asdict
 
@@ -25,7 +26,7 @@ from tga.data.dataset import SampleBuilder
 from tga.data.guard import BadRecordLog, GuardedDataset
 from tga.data.safety_mix import MixedRecords
 from tga.data.templates import get_template
-from tga.errors import ConfigError, TrainingStopped
+from tga.errors import ConfigError, TGAError, TrainingStopped
 from tga.model.loading import no_progress_bars
 from tga.model.lora import add_lora, save_lora_model_folder
 from tga.model.tokenizer import image_token_id, load_tokenizer
@@ -35,9 +36,11 @@ from tga.options import config_argv
 from tga.train.checkpoint import load_projector, save_model_folder, save_projector
 from tga.train.cost import CostCallback
 from tga.train.distributed import is_main_process, prepare_process
+from tga.train.final_save import save_final
 from tga.train.plots import plot_training_curves
 from tga.train.preflight import check_output_dir, preflight
-from tga.train.resilience import resolve_resume_checkpoint, run_guards
+from tga.train.resilience import latest_complete_checkpoint, list_checkpoints, resolve_resume_checkpoint, run_guards
+from tga.train.resume_check import LearningRateChange, allowed_changes, append_history, check_resume, run_record
 from tga.train.run_lock import claim_output_dir
 from tga.train.stages import apply_lora_stage, apply_stage, trainable_components
 from tga.train.tracking import ResolvedConfigCallback, git_revision
@@ -116,16 +119,62 @@ def guide_settings(tga_args, model) -> GuideSettings | None:
                          bank_dtype=tga_args.tga_bank_dtype, caption_pass=tga_args.tga_caption_pass)
 
 
-def write_resolved_config(output_dir: str, stage: str, argv: list[str], *arg_objects) -> dict:
-    """The resolved configuration (+ git revision), written to OUTPUT_DIR/tga_config.json on rank 0."""
+def resolved_config(stage: str, argv: list[str], *arg_objects) -> dict:
+    """The resolved configuration (+ git revision) of a run, as `tga_config.json` holds it."""
     resolved = {"stage": stage, "argv": argv, "git_revision": git_revision(os.path.dirname(os.path.abspath(__file__)))}
     for arguments in arg_objects:
         resolved[type(arguments).__name__] = arguments.to_dict() if hasattr(arguments, "to_dict") else asdict(arguments)
+    return json.loads(json.dumps(resolved, default=str))
+
+
+def write_resolved_config(output_dir: str, stage: str, argv: list[str], *arg_objects) -> dict:
+    """The resolved configuration, written to OUTPUT_DIR/tga_config.json on rank 0 (`tga unlearn`'s record)."""
+    resolved = resolved_config(stage, argv, *arg_objects)
     if is_main_process():
         os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, "tga_config.json"), "w", encoding="utf-8") as handle:
-            json.dump(resolved, handle, indent=2, default=str)
-    return json.loads(json.dumps(resolved, default=str))
+            json.dump(resolved, handle, indent=2)
+    return resolved
+
+
+def resolve_resume(training_args) -> str | bool | None:
+    """`--resume_from_checkpoint auto` resumes from the newest intact checkpoint in output_dir, if there is one."""
+    return resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+
+
+def check_stage_options(components: set[str], model_args, tga_args, training_args) -> None:
+    """Contradictions between the stage's trainable parts and the TGA / LoRA options."""
+    if tga_args.tga and tga_args.tga_bank and tga_args.tga_target != "frozen" and "llm" in components:
+        raise ConfigError("--tga_bank needs a caption target that cannot change: stage 1 with the LLM frozen, or "
+                          "--tga_target frozen")
+    if (tga_args.tga and tga_args.tga_target == "frozen" and not tga_args.tga_bank and "llm" in components
+            and zero_stage(training_args) == 3):
+        raise ConfigError("--tga_target frozen copies the LLM at the start of stage 2, which ZeRO-3 has partitioned; "
+                          "use --tga_bank DIR (the frozen target's states computed once), ZeRO-2 "
+                          "(deepspeed_configs/zero2.json) or --tga_target live")
+    if model_args.lora_enable and "llm" not in components:
+        raise ConfigError("--lora_enable is for stage 2 (finetune), where the LLM trains")
+
+
+def begin_run(training_args, resolved: dict, record: dict) -> tuple[str | None, dict]:
+    """The checkpoint to resume from and the configuration changes since it (refused by name where they change
+    what is trained); records the start in the run's history and, on a fresh start, writes tga_config.json."""
+    output_dir = training_args.output_dir
+    resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, output_dir)
+    allowed = allowed_changes(training_args.allow_config_change, resolved)
+    if resume is None and list_checkpoints(output_dir):
+        raise ConfigError(f"--output_dir {output_dir} holds the checkpoints of an earlier run "
+                          f"({os.path.basename(list_checkpoints(output_dir)[-1][1])}): continue it with "
+                          "--resume_from_checkpoint auto, or start the new run in another folder")
+    changes = check_resume(resume, record, allowed, bool(training_args.deepspeed)) if resume else {}
+    if is_main_process():
+        config_file = os.path.join(output_dir, "tga_config.json")
+        if resume is None or not os.path.exists(config_file):  # the first record of a run is never overwritten
+            with open(config_file, "w", encoding="utf-8") as handle:
+                json.dump(resolved, handle, indent=2)
+        step = int(os.path.basename(resume).rpartition("-")[2]) if resume and resume[-1].isdigit() else 0
+        append_history(output_dir, "resume" if resume else "start", step, resume, changes, allowed)
+    return resume, changes
 
 
 def run_stage(stage: str, argv: list[str]) -> str:
@@ -137,85 +186,106 @@ def run_stage(stage: str, argv: list[str]) -> str:
     components = trainable_components(stage, tune_mm_mlp_adapter=model_args.tune_mm_mlp_adapter,
                                       freeze_backbone=model_args.freeze_backbone,
                                       freeze_mm_mlp_adapter=model_args.freeze_mm_mlp_adapter)
-    if tga_args.tga and tga_args.tga_bank and tga_args.tga_target != "frozen" and "llm" in components:
-        raise ConfigError("--tga_bank needs a caption target that cannot change: stage 1 with the LLM frozen, or "
-                          "--tga_target frozen")
-    if (tga_args.tga and tga_args.tga_target == "frozen" and not tga_args.tga_bank and "llm" in components
-            and zero_stage(training_args) == 3):
-        raise ConfigError("--tga_target frozen copies the LLM at the start of stage 2, which ZeRO-3 has partitioned; "
-                          "use --tga_bank DIR (the frozen target's states computed once), ZeRO-2 "
-                          "(deepspeed_configs/zero2.json) or --tga_target live")
-    if model_args.lora_enable and "llm" not in components:
-        raise ConfigError("--lora_enable is for stage 2 (finetune), where the LLM trains")
+    check_stage_options(components, model_args, tga_args, training_args)
     with claim_output_dir(training_args.output_dir):  # one run at a time per folder, until the stage ends
-        if is_main_process():
-            check_output_dir(training_args.output_dir)  # a read-only or missing mount fails now, not at the first save
-        resolved = write_resolved_config(training_args.output_dir, stage, argv, model_args, data_args, tga_args,
-                                         training_args)
-        started = time.time()
-        set_seed(training_args.seed)  # the resized embedding rows and the projector init are random
-        tokenizer, model, image_processor = build_model_and_processors(model_args, training_args,
-                                                                       data_args.image_aspect_ratio)
-        if model_args.pretrain_mm_mlp_adapter:
-            load_projector(model, model_args.pretrain_mm_mlp_adapter)
-        apply_stage(model, components)
-        if model_args.lora_enable:  # adapters on the LLM's linear layers, injected in place: the model stays a Llava
-            model = add_lora(model, r=model_args.lora_r, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout,
-                             targets=model_args.lora_target, bias=model_args.lora_bias, wrap=False)
-            apply_lora_stage(model, components)
-        dataset = build_dataset(data_args, tga_args, model, tokenizer, image_processor, training_args, stage=stage)
-        preflight(training_args.output_dir, model)
-        zero3_multi_rank = training_args.world_size > 1 and bool(training_args.deepspeed)
-        trainer = TGATrainer(
-            model=model, args=training_args, train_dataset=dataset, data_collator=VLMCollator(tokenizer.pad_token_id),
-            processing_class=tokenizer, guide=guide_settings(tga_args, model),
-            projector_lr=training_args.mm_projector_lr, always_run_all_modules=zero3_multi_rank,
-            callbacks=[ResolvedConfigCallback(resolved)],
-        )
-        if training_args.include_num_input_tokens_seen == "no":
-            training_args.include_num_input_tokens_seen = "non_padding"  # the token count of cost.json
-        if trainer.guide is not None and tga_args.tga_bank:  # built from the records at train start if missing
-            trainer.guide.bank_rows = lambda: caption_rows(dataset.dataset.records, dataset.dataset.builder)
-        guide = trainer.guide  # its caption pass is a forward-only pass; a frozen target is a second copy of the LLM
-        trainer.add_callback(CostCallback(
-            training_args.output_dir, f"{'tga' if tga_args.tga else 'llava'}-{stage}",
-            reference=guide.frozen_language_model if guide else None,
-            reference_params=guide.caption_parameters(model) if guide else None,
-            reference_tokens=guide.caption_tokens if guide else None,
-        ))
-        guards = run_guards(training_args, dataset.log)
-        for callback in guards.callbacks:
-            trainer.add_callback(callback)
-        try:
-            trainer.train(resume_from_checkpoint=resolve_resume(training_args))
-        except Exception as error:  # a failed checkpoint write becomes an error naming the path; others pass through
-            failure = guards.failure(error, training_args.output_dir)
-            if failure is None:
-                raise
-            raise failure from error
-        if guards.stop.stopped:  # SIGTERM: a complete checkpoint is saved; rerun with --resume_from_checkpoint auto
-            raise TrainingStopped(f"stage {stage} stopped by a signal at step {trainer.state.global_step}; a complete "
-                                  f"checkpoint is in {training_args.output_dir}: rerun with --resume_from_checkpoint "
-                                  "auto to continue")
-        projector_only = stage == "pretrain" and "llm" not in components
-        with no_progress_bars():  # the training bar is the stage's progress line; writing shards is not
-            if projector_only:
-                save_projector(model, training_args.output_dir)
-            if model_args.lora_enable:  # merged full folder + lora_adapter/
-                save_lora_model_folder(trainer, model, tokenizer, image_processor, training_args.output_dir,
-                                       base_model=model_args.model_name_or_path)
-            elif not projector_only or training_args.save_full_model:
-                save_model_folder(trainer, model, tokenizer, image_processor, training_args.output_dir)
-            elif is_main_process():
-                model.config.save_pretrained(training_args.output_dir)
-                tokenizer.save_pretrained(training_args.output_dir)
-        if is_main_process():
-            trainer.save_state()  # trainer_state.json: the log history (losses, TGA metrics)
-            plot_training_curves(trainer.state.log_history, training_args.output_dir)
-        logger.info("stage %s finished in %.1f s -> %s", stage, time.time() - started, training_args.output_dir)
-        return training_args.output_dir
+        held = train_stage(stage, argv, components, model_args, data_args, tga_args, training_args)
+    if held is not None:  # a signal that came after the last step waited for the final save; now it takes effect
+        logger.warning("signal %d arrived during the final save, which was completed first (%s)", held,
+                       training_args.output_dir)
+        signal.raise_signal(held)
+    return training_args.output_dir
 
 
-def resolve_resume(training_args) -> str | bool | None:
-    """`--resume_from_checkpoint auto` resumes from the newest complete checkpoint in output_dir, if there is one."""
-    return resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+def train_stage(stage, argv, components, model_args, data_args, tga_args, training_args) -> int | None:
+    """Build, train and save one stage in its output folder; returns a signal held during the final save, or None."""
+    output_dir = training_args.output_dir
+    if is_main_process():
+        check_output_dir(output_dir)  # a read-only or missing mount fails now, not at the first save
+    resolved = resolved_config(stage, argv, model_args, data_args, tga_args, training_args)
+    started = time.time()
+    set_seed(training_args.seed)  # the resized embedding rows and the projector init are random
+    tokenizer, model, image_processor = build_model_and_processors(model_args, training_args,
+                                                                   data_args.image_aspect_ratio)
+    if model_args.pretrain_mm_mlp_adapter:
+        load_projector(model, model_args.pretrain_mm_mlp_adapter)
+    apply_stage(model, components)
+    if model_args.lora_enable:  # adapters on the LLM's linear layers, injected in place: the model stays a Llava
+        model = add_lora(model, r=model_args.lora_r, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout,
+                         targets=model_args.lora_target, bias=model_args.lora_bias, wrap=False)
+        apply_lora_stage(model, components)
+    dataset = build_dataset(data_args, tga_args, model, tokenizer, image_processor, training_args, stage=stage)
+    preflight(output_dir, model)
+    record = run_record(resolved, training_args.world_size, model)
+    resume, changes = begin_run(training_args, resolved, record)
+    zero3_multi_rank = training_args.world_size > 1 and bool(training_args.deepspeed)
+    trainer = TGATrainer(
+        model=model, args=training_args, train_dataset=dataset, data_collator=VLMCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer, guide=guide_settings(tga_args, model), projector_lr=training_args.mm_projector_lr,
+        always_run_all_modules=zero3_multi_rank, callbacks=[ResolvedConfigCallback(resolved)],
+    )
+    if training_args.include_num_input_tokens_seen == "no":
+        training_args.include_num_input_tokens_seen = "non_padding"  # the token count of cost.json
+    if trainer.guide is not None and tga_args.tga_bank:  # built from the records at train start if missing
+        trainer.guide.bank_rows = lambda: caption_rows(dataset.dataset.records, dataset.dataset.builder)
+    guide = trainer.guide  # its caption pass is a forward-only pass; a frozen target is a second copy of the LLM
+    trainer.add_callback(CostCallback(
+        output_dir, f"{'tga' if tga_args.tga else 'llava'}-{stage}",
+        reference=guide.frozen_language_model if guide else None,
+        reference_params=guide.caption_parameters(model) if guide else None,
+        reference_tokens=guide.caption_tokens if guide else None,
+    ))
+    if changes:
+        trainer.add_callback(LearningRateChange(changes, training_args.learning_rate, training_args.mm_projector_lr))
+    guards = run_guards(training_args, dataset.log, record)
+    for callback in guards.callbacks:
+        trainer.add_callback(callback)
+    try:
+        train(trainer, guards, resume, stage)
+        save_final(lambda folder: write_final(folder, stage, components, trainer, model, tokenizer, image_processor,
+                                              model_args, training_args),
+                   output_dir, trainer.state.global_step, model, training_args.device,
+                   newest_checkpoint=latest_complete_checkpoint(output_dir, checksum=False))
+    finally:
+        held = guards.stop.release()
+    if is_main_process():
+        plot_training_curves(trainer.state.log_history, output_dir)
+    logger.info("stage %s finished in %.1f s -> %s", stage, time.time() - started, output_dir)
+    return held
+
+
+def train(trainer, guards, resume: str | None, stage: str) -> None:
+    """`trainer.train`, with a failed checkpoint write, an unloadable checkpoint and a signal stop named."""
+    output_dir = trainer.args.output_dir
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except TGAError:
+        raise
+    except Exception as error:  # a failed checkpoint write becomes an error naming the path; others pass through
+        failure = guards.failure(error, output_dir)
+        if failure is None and resume and not guards.stop.started:  # failed while loading the checkpoint
+            failure = ConfigError(f"--resume_from_checkpoint {resume}: cannot be loaded ({type(error).__name__}: "
+                                  f"{str(error).splitlines()[0] if str(error) else ''}); resume from another checkpoint")
+        if failure is None:
+            raise
+        raise failure from error
+    if guards.stop.stopped:  # SIGTERM: a complete checkpoint is saved; a rerun with --resume_from_checkpoint auto continues
+        raise TrainingStopped(f"stage {stage} stopped by a signal at step {trainer.state.global_step}; a complete "
+                              f"checkpoint is in {output_dir}: rerun with --resume_from_checkpoint auto to continue")
+
+
+def write_final(folder, stage, components, trainer, model, tokenizer, image_processor, model_args, training_args):
+    """Every final file of a stage into `folder` (every rank calls this; rank 0 writes)."""
+    projector_only = stage == "pretrain" and "llm" not in components
+    with no_progress_bars():  # the training bar is the stage's progress line; writing shards is not
+        if projector_only:
+            save_projector(model, folder)
+        if model_args.lora_enable:  # merged full folder + lora_adapter/
+            save_lora_model_folder(trainer, model, tokenizer, image_processor, folder,
+                                   base_model=model_args.model_name_or_path)
+        elif not projector_only or training_args.save_full_model:
+            save_model_folder(trainer, model, tokenizer, image_processor, folder)
+        elif is_main_process():
+            model.config.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+    if is_main_process():  # the log history (losses, TGA metrics), as Trainer.save_state writes it
+        trainer.state.save_to_json(os.path.join(folder, "trainer_state.json"))
