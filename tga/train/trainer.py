@@ -64,7 +64,8 @@ class TGATrainer(Trainer):
         self.always_run_all_modules = always_run_all_modules
         self.throughput = Throughput()
         self.add_callback(self.throughput)
-        text_config = getattr(self.model.config, "text_config", self.model.config)
+        config = getattr(self.model, "config", None)
+        text_config = getattr(config, "text_config", config)
         self.health = StepHealth(
             getattr(self.args, "max_nonfinite_steps", 0), vocab_size=getattr(text_config, "vocab_size", None),
             newest_checkpoint=lambda: latest_complete_checkpoint(self.args.output_dir, checksum=False),
