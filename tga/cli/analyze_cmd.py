@@ -1,8 +1,10 @@
 """tga/cli/analyze_cmd.py
 
 `tga analyze activation` (the layer where the LLM's safety mechanism activates on toxic text, Algorithm 1 of
-the paper) and `tga analyze similarity` (per-layer cosine between image-token and caption-text hidden
-states, for one or more checkpoints). Thin: the work is in `tga.safety.analysis`.
+the paper), `tga analyze similarity` (per-layer cosine between image-token and caption-text hidden
+states, for one or more checkpoints), `tga analyze patching` (where the refusal is decided, causally: activation
+patching on matched prompt pairs, and the refusal direction) and `tga analyze patching-pairs` (such pairs from a
+prompts file). Thin: the work is in `tga.safety.analysis` and `tga.safety.patching_run`.
 """
 
 from __future__ import annotations
@@ -76,9 +78,43 @@ def _similarity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _patching(args: argparse.Namespace) -> int:
+    from tga.safety.patching_run import run_patching
+
+    report = run_patching(args.model, args.data, args.out, positions=args.positions, batch_size=args.batch_size,
+                          max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype,
+                          template=args.template, refusal_phrases=args.refusal_tokens, images_path=args.images,
+                          image_folder=args.image_folder)
+    flips = report["toxic_into_benign"]["flip_share"]
+    causal = report["causal_layer"]
+    print(f"causal layer: {causal if causal is not None else 'none'} of {report['num_layers']} (first block whose "
+          f"toxic state flips >= 50% of {report['num_pairs']} benign prompts into refusals; per block: "
+          f"{', '.join(f'{share:.2f}' for share in flips)}); control flips at most "
+          f"{max(report['benign_into_benign']['flip_share']):.2f}; clean refusal toxic "
+          f"{report['clean_refused']['toxic']:.2f}, benign {report['clean_refused']['benign']:.2f}; report in {args.out}")
+    if report.get("image_caption_ratio") is not None:
+        print(f"image / caption projection on the refusal direction at the causal layer: {report['image_caption_ratio']:.2f}")
+    return 0
+
+
+def _patching_pairs(args: argparse.Namespace) -> int:
+    from tga.records_io import write_records
+    from tga.safety.patching_run import patching_pairs
+
+    benign = args.benign
+    if not benign:
+        from tga.demo.world import BENIGN_CONCEPTS
+
+        benign = list(BENIGN_CONCEPTS)
+    pairs = patching_pairs(args.data, benign, concept_field=args.concept_field)
+    write_records(args.out, pairs)
+    print(f"{len(pairs)} pairs -> {args.out}")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `tga analyze activation|similarity`."""
-    parser = subparsers.add_parser("analyze", help="safety analyses: activation layer, image-text similarity")
+    parser = subparsers.add_parser("analyze", help="safety analyses: activation layer, image-text similarity, patching")
     kinds = parser.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
 
     activation = kinds.add_parser("activation", help="layer where refusal tokens first rise (logit lens)")
@@ -120,3 +156,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     similarity.add_argument("--template", default=None, help="conversation template instead of each model's own")
     _add_runtime(similarity)
     similarity.set_defaults(func=_similarity)
+
+    patching = kinds.add_parser("patching", help="where the refusal is decided, causally (activation patching)")
+    patching.add_argument("--model", required=True, help="checkpoint folder (Llava: its LLM) or plain causal LM folder")
+    patching.add_argument("--data", required=True, help="matched pairs, JSON/JSONL (docs/evaluation.md)")
+    patching.add_argument("--positions", choices=["last", "concept"], default="last",
+                          help="patch the last prompt token, or every token of the concept (names of equal length)")
+    patching.add_argument("--max_new_tokens", type=int, default=16, help="greedy answer length judged for refusal")
+    patching.add_argument("--refusal_tokens", nargs="+", default=list(DEFAULT_REFUSAL_PHRASES),
+                          help="phrases whose first tokens are the refusal openers")
+    patching.add_argument("--template", default=None, help="conversation template (default: the model's own)")
+    patching.add_argument("--images", default=None,
+                          help="VLM only: JSON/JSONL of {image, caption} projected on the refusal direction beside "
+                               "the same scenes given as captions")
+    patching.add_argument("--image_folder", default=None, help="folder the --images paths are relative to")
+    _add_runtime(patching)
+    patching.set_defaults(func=_patching)
+
+    pairs = kinds.add_parser("patching-pairs", help="matched pairs for `analyze patching` from a prompts file")
+    pairs.add_argument("--data", required=True, help="prompts with their toxic concept: {text, concept} per record")
+    pairs.add_argument("--benign", nargs="+", default=None,
+                       help="benign concepts put in the toxic concept's place (default: the demo world's)")
+    pairs.add_argument("--concept_field", default="concept", help="the record field naming the toxic concept")
+    pairs.add_argument("--out", required=True, help="the pairs JSONL to write")
+    pairs.set_defaults(func=_patching_pairs)

@@ -3,8 +3,9 @@
 PNG plots of the safety analyses, drawn with matplotlib's object API and the Agg canvas (no pyplot global
 state, no display needed): the per-layer refusal-token rank of the activation analysis (of one model, or the
 median ranks of several on a relative-depth axis), the activation layers of toxic prompts beside benign controls
-(one panel per model), and the per-layer
-image-versus-caption cosine and specificity of one or more checkpoints.
+(one panel per model), the per-layer
+image-versus-caption cosine and specificity of one or more checkpoints, and activation patching with the refusal
+direction.
 """
 
 from __future__ import annotations
@@ -159,4 +160,36 @@ def plot_similarity(reports: Mapping[str, dict[str, Any]], path: str) -> None:
     specificity.set_title("Alignment specificity")
     if specificity.get_legend_handles_labels()[0]:
         specificity.legend(fontsize=8)
+    _save(figure, path)
+
+
+def plot_patching(report: Mapping[str, Any], path: str) -> None:
+    """Activation patching per block: the share of pairs whose refusal flips in each direction, and the projections
+    on the refusal direction (toxic and benign prompts; image and caption prompts when measured).
+
+    Args:
+        report: the `patching.json` payload of `tga.safety.patching_run.run_patching`.
+        path: the PNG file to write.
+    """
+    figure = Figure(figsize=(10, 4))
+    flips, projections = figure.subplots(1, 2)
+    blocks = list(range(1, report["num_layers"] + 1))
+    for direction in ("toxic_into_benign", "benign_into_toxic", "benign_into_benign"):
+        flips.plot(blocks, report[direction]["flip_share"], marker="o", label=direction.replace("_", " "))
+    if report.get("causal_layer") is not None:
+        flips.axvline(report["causal_layer"], color="red", linewidth=0.8, label=f"causal layer {report['causal_layer']}")
+    flips.axhline(0.5, color="grey", linewidth=0.8)
+    flips.set_ylim(-0.02, 1.02)
+    flips.set_xticks(blocks)
+    flips.set_xlabel("patched block j (its output at the patched positions)")
+    flips.set_ylabel("share of pairs whose refusal flips")
+    flips.set_title(f"Activation patching ({report['positions']} positions, {report['num_pairs']} pairs)")
+    flips.legend(fontsize=8)
+    depth = list(range(0, report["num_layers"] + 1))
+    for label, values in report["direction"].items():
+        projections.plot(depth, values, marker=".", label=label)
+    projections.set_xlabel("layer (0 = embeddings)")
+    projections.set_ylabel("mean projection on the refusal direction")
+    projections.set_title("Refusal direction (toxic - benign, per layer)")
+    projections.legend(fontsize=8)
     _save(figure, path)
