@@ -134,3 +134,33 @@ def test_bad_pairs_are_one_named_error(planted_llm, pairs_file, tmp_path, capsys
                  "--out", str(tmp_path / "out2")])
     err = capsys.readouterr().err
     assert code != 0 and "missing" in err and "Traceback" not in err
+
+
+def test_a_vlm_reports_image_and_caption_projections_on_the_refusal_direction(tiny_assets, tmp_path):
+    """Through a tga VLM folder: the LLM is patched with text prompts in the folder's template, and image prompts are
+    projected beside the same scenes given as captions, one value per layer."""
+    from tga.model.tokenizer import load_tokenizer
+    from tga.model.vision import load_image_processor
+    from tga.model.vlm import build_vlm
+    from tga.train.checkpoint import build_processor
+
+    tokenizer = load_tokenizer(tiny_assets["llm"])
+    model = build_vlm(tiny_assets["llm"], tiny_assets["vision"], tokenizer)
+    folder = tmp_path / "vlm"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    build_processor(model, tokenizer, load_image_processor(tiny_assets["vision"])).save_pretrained(folder)
+    records = [r for r in json.loads(open(tiny_assets["stage2"], encoding="utf-8").read()) if r.get("image")][:3]
+    images = write_pairs(tmp_path / "images.jsonl", [{"image": r["image"], "caption": r["image_caption"]}
+                                                    for r in records])
+    pairs = write_pairs(tmp_path / "pairs.jsonl", [
+        {"id": str(i), "toxic": f"Describe: a {name} here.", "benign": "Describe: a cup here.",
+         "toxic_concept": name, "benign_concept": "cup"} for i, name in enumerate(("knife", "gun"))])
+    report = run_patching(str(folder), pairs, str(tmp_path / "out"), images_path=images,
+                          image_folder=tiny_assets["image_folder"], max_new_tokens=2)
+    layers = model.config.text_config.num_hidden_layers
+    assert report["num_layers"] == layers and len(report["toxic_into_benign"]["flip_share"]) == layers
+    assert set(report["direction"]) == {"toxic", "benign", "image", "caption"}
+    assert all(len(values) == layers + 1 for values in report["direction"].values())
+    # the direction is toxic minus benign: toxic prompts project above benign ones at every layer past the embeddings
+    assert all(t > b for t, b in zip(report["direction"]["toxic"][1:], report["direction"]["benign"][1:]))

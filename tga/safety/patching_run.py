@@ -112,7 +112,8 @@ def image_caption_states(chat, records: list[dict], batch_size: int) -> tuple[to
     images, captions = [], []
     for start in range(0, len(records), batch_size):
         part = records[start:start + batch_size]
-        for target, inputs in ((images, ([open_image(r["image"]) for r in part], [r["question"] for r in part])),
+        pictures = [open_image(r["image"], f"record {r['id']}") for r in part]
+        for target, inputs in ((images, (pictures, [r["question"] for r in part])),
                                (captions, ([None] * len(part), [f"{r['caption']}\n{r['question']}" for r in part]))):
             result = chat.hidden_states(*inputs)
             rows, last = torch.arange(len(part)), result.last_index.cpu()
