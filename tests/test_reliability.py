@@ -15,16 +15,9 @@ from transformers import TrainingArguments as HFTrainingArguments
 from tga.cli import main as tga_main
 from tga.data.guard import REPORT_FILE, BadRecordLog, GuardedDataset, load_training_records
 from tga.errors import ConfigError, DataError
+from tga.train.integrity import COMPLETE_MARKER, is_complete, latest_complete_checkpoint, mark_complete
 from tga.train.preflight import CheckpointError, check_free_space, check_output_dir, storage_error
-from tga.train.resilience import (
-    COMPLETE_MARKER,
-    is_complete,
-    latest_complete_checkpoint,
-    mark_complete,
-    resolve_resume_checkpoint,
-    rotate_complete,
-    run_guards,
-)
+from tga.train.resilience import resolve_resume_checkpoint, rotate_complete, run_guards
 
 
 def fake_checkpoint(root, step, complete=True):

@@ -279,3 +279,21 @@ def test_shipped_unlearn_recipe_parses_up_to_its_data_files():
                                                "configs/unlearn/mistral7b.yaml")])
     finally:
         unset_hf_deepspeed_config()
+
+
+def test_unlearning_has_the_training_stages_fault_handling(world, tmp_path):
+    """`tga unlearn` runs with the stages' guards: checkpoints verified by their markers, a resume that refuses a
+    changed forget set, and a diverged run that stops with nothing non-finite written."""
+    from tga.errors import ConfigError, TrainingDiverged
+    from tga.train.integrity import COMPLETE_MARKER, verify
+
+    out = tmp_path / "run"
+    run_unlearn(argv(world, out, "--save_strategy", "steps", "--save_steps", "2"))
+    assert verify(str(out / "checkpoint-2")) is None and verify(str(out)) is None  # checkpoints and the final folder
+    with pytest.raises(ConfigError, match=r"--resume_from_checkpoint .*checkpoint-\d+: .*harmful: "):
+        run_unlearn(argv(world, out, "--resume_from_checkpoint", "auto", "--max_steps", str(STEPS + 2),
+                         "--harmful", world["normal"]))
+    diverged = tmp_path / "diverged"
+    with pytest.raises(TrainingDiverged, match="training diverged at step"):
+        run_unlearn(argv(world, diverged, "--learning_rate", "1e30"))
+    assert not (diverged / COMPLETE_MARKER).exists() and not (diverged / "model.safetensors").exists()

@@ -144,3 +144,29 @@ class StepHealth(TrainerCallback):
             logger.warning("the loss has stayed at %.3f = ln(vocabulary size), the loss of a uniform prediction, for "
                            "%d steps (%d-%d): the model has stopped learning (a learning rate far too high?)",
                            self.uniform_loss, step - self.stuck_since + 1, self.stuck_since, step)
+
+
+class WatchedSteps:
+    """Trainer mixin (`class MyTrainer(WatchedSteps, Trainer)`): every micro-batch loss goes to a `StepHealth`
+    callback, which the subclass creates with `watch_steps` after `Trainer.__init__`."""
+
+    def watch_steps(self, vocab_size: int | None) -> StepHealth:
+        from tga.train.integrity import latest_complete_checkpoint
+
+        self.health = StepHealth(
+            getattr(self.args, "max_nonfinite_steps", 0), vocab_size=vocab_size,
+            newest_checkpoint=lambda: latest_complete_checkpoint(self.args.output_dir, checksum=False),
+            step_applied=self.step_applied if self.is_deepspeed_enabled else None,
+        )
+        self.add_callback(self.health)
+        return self.health
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """HF's step; its loss also goes to the step-health check (HF's log hides a non-finite one)."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.health.observe_loss(loss)
+        return loss
+
+    def step_applied(self) -> bool:
+        """Whether DeepSpeed applied the last optimizer step (it skips one whose gradients are not finite)."""
+        return bool(self.model_wrapped.was_step_applied()) if hasattr(self.model_wrapped, "was_step_applied") else True

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 
 import torch
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "tga_complete.json"
 CHUNK = 8 << 20
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
 def folder_files(folder: str) -> dict[str, int]:
@@ -144,3 +146,23 @@ def verify(folder: str, *, sharded: bool = False, checksum: bool = True) -> str 
 def is_complete(folder: str, *, checksum: bool = True) -> bool:
     """True when `folder` has a valid marker and every listed file is intact (one process)."""
     return verify(folder, checksum=checksum) is None
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of every `checkpoint-N` folder in output_dir, oldest step first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = CHECKPOINT_NAME.match(name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return sorted(found)
+
+
+def latest_complete_checkpoint(output_dir: str, checksum: bool = True) -> str | None:
+    """The newest checkpoint folder whose marker and files check out (sizes, and checksums unless told), or None."""
+    for _, path in reversed(list_checkpoints(output_dir)):
+        if is_complete(path, checksum=checksum):
+            return path
+    return None

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import signal
 import time
@@ -28,36 +27,20 @@ from transformers import TrainerCallback
 from tga.errors import ConfigError, TGAError, TrainingDiverged
 from tga.train.distributed import barrier, is_main_process
 from tga.train.divergence import nonfinite_parameters
-from tga.train.integrity import COMPLETE_MARKER, is_complete, mark_complete, read_marker, verify
+from tga.train.integrity import (
+    COMPLETE_MARKER,
+    is_complete,
+    list_checkpoints,
+    mark_complete,
+    read_marker,
+    verify,
+)
 from tga.train.launcher_watch import LauncherWatch
 from tga.train.preflight import storage_error
 from tga.train.resume_check import write_record
 from tga.train.save_schedule import SaveSchedule, save_schedule
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
-
-
-def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of every `checkpoint-N` folder in output_dir, oldest step first."""
-    if not os.path.isdir(output_dir):
-        return []
-    found = []
-    for name in os.listdir(output_dir):
-        match = CHECKPOINT_NAME.match(name)
-        if match and os.path.isdir(os.path.join(output_dir, name)):
-            found.append((int(match.group(1)), os.path.join(output_dir, name)))
-    return sorted(found)
-
-
-def latest_complete_checkpoint(output_dir: str, checksum: bool = True) -> str | None:
-    """The newest checkpoint folder whose marker and files check out (sizes, and checksums unless told), or None."""
-    for _, path in reversed(list_checkpoints(output_dir)):
-        if is_complete(path, checksum=checksum):
-            return path
-    return None
-
 
 def set_aside(path: str, reason: str, prefix: str) -> str:
     """Rename a checkpoint folder that must not be resumed from to `{prefix}-checkpoint-N` (kept for inspection,

@@ -33,8 +33,8 @@ logger = logging.getLogger(__name__)
 
 RECORD_FILE = "tga_run.json"
 HISTORY_FILE = "tga_run_history.jsonl"
-GROUPS = ("ModelArguments", "DataArguments", "TGAArguments", "TrainingArguments")
-# Fields that change what is trained. Everything in ModelArguments and TGAArguments counts, except these:
+GROUPS = ("ModelArguments", "DataArguments", "TGAArguments", "UnlearnArguments", "TrainingArguments")
+# Fields that change what is trained. Everything in ModelArguments, TGAArguments and UnlearnArguments counts, except:
 MODEL_MUTABLE = {"attn_implementation"}
 DATA_DEFINING = {"data_path", "image_folder", "image_aspect_ratio", "use_retrieved_in_prompt", "skip_bad_records",
                  "safety_data", "safety_ratio"}
@@ -57,7 +57,7 @@ def flatten(resolved: dict) -> dict[str, object]:
 def defining_fields(resolved: dict) -> set[str]:
     fields = {"stage", "world_size"} | DATA_DEFINING | TRAINING_DEFINING
     fields |= set(resolved.get("ModelArguments", {})) - MODEL_MUTABLE
-    return fields | set(resolved.get("TGAArguments", {}))
+    return fields | set(resolved.get("TGAArguments", {})) | set(resolved.get("UnlearnArguments", {}))
 
 
 def parameter_shapes(model) -> dict[str, list[int]]:

@@ -37,9 +37,10 @@ from tga.train.checkpoint import load_projector, save_model_folder, save_project
 from tga.train.cost import CostCallback
 from tga.train.distributed import is_main_process, prepare_process
 from tga.train.final_save import save_final
+from tga.train.integrity import latest_complete_checkpoint, list_checkpoints
 from tga.train.plots import plot_training_curves
 from tga.train.preflight import check_output_dir, preflight
-from tga.train.resilience import latest_complete_checkpoint, list_checkpoints, resolve_resume_checkpoint, run_guards
+from tga.train.resilience import resolve_resume_checkpoint, run_guards
 from tga.train.resume_check import LearningRateChange, allowed_changes, append_history, check_resume, run_record
 from tga.train.run_lock import claim_output_dir
 from tga.train.stages import apply_lora_stage, apply_stage, trainable_components
@@ -125,21 +126,6 @@ def resolved_config(stage: str, argv: list[str], *arg_objects) -> dict:
     for arguments in arg_objects:
         resolved[type(arguments).__name__] = arguments.to_dict() if hasattr(arguments, "to_dict") else asdict(arguments)
     return json.loads(json.dumps(resolved, default=str))
-
-
-def write_resolved_config(output_dir: str, stage: str, argv: list[str], *arg_objects) -> dict:
-    """The resolved configuration, written to OUTPUT_DIR/tga_config.json on rank 0 (`tga unlearn`'s record)."""
-    resolved = resolved_config(stage, argv, *arg_objects)
-    if is_main_process():
-        os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, "tga_config.json"), "w", encoding="utf-8") as handle:
-            json.dump(resolved, handle, indent=2)
-    return resolved
-
-
-def resolve_resume(training_args) -> str | bool | None:
-    """`--resume_from_checkpoint auto` resumes from the newest intact checkpoint in output_dir, if there is one."""
-    return resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
 
 
 def check_stage_options(components: set[str], model_args, tga_args, training_args) -> None:

@@ -10,7 +10,8 @@ as Llava's forward does), so a rank whose batch is text-only still runs the visi
 image, weight 0).
 
 Trainer methods overridden: the public hooks compute_loss, create_optimizer, get_batch_samples (the guide counts the
-step's guide samples), training_step (each loss goes to tga.train.divergence.StepHealth), log and train (restores the guide's checkpointed state before HF resumes), and the private _get_train_sampler
+step's guide samples), training_step (through tga.train.divergence.WatchedSteps: each loss goes to the step-health
+check), log and train (restores the guide's checkpointed state before HF resumes), and the private _get_train_sampler
 (LLaVA's modality-grouped sampler) and _load_from_checkpoint (HF's raw load of a non-DeepSpeed checkpoint matches none
 of the names transformers 5 saves a Llava model under; tga.train.checkpoint.load_checkpoint_weights maps them back). The guide's state is written into each checkpoint folder by
 `GuideStateCallback.on_save`, which runs before the completion marker is written (tga.train.resilience).
@@ -29,8 +30,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from tga.align.guide import Guide, GuideSettings
 from tga.data.sampler import ModalityLengthGroupedSampler
 from tga.train.checkpoint import load_checkpoint_weights
-from tga.train.divergence import StepHealth
-from tga.train.resilience import latest_complete_checkpoint
+from tga.train.divergence import WatchedSteps
 from tga.train.throughput import Throughput
 
 __all__ = ["BATCH_EXTRAS", "GuideSettings", "GuideStateCallback", "TGATrainer"]
@@ -56,7 +56,7 @@ class GuideStateCallback(TrainerCallback):
             self.guide.save(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
 
 
-class TGATrainer(Trainer):
+class TGATrainer(WatchedSteps, Trainer):
     def __init__(self, *args, guide: GuideSettings | None = None, projector_lr: float | None = None,
                  always_run_all_modules: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
@@ -65,13 +65,7 @@ class TGATrainer(Trainer):
         self.throughput = Throughput()
         self.add_callback(self.throughput)
         config = getattr(self.model, "config", None)
-        text_config = getattr(config, "text_config", config)
-        self.health = StepHealth(
-            getattr(self.args, "max_nonfinite_steps", 0), vocab_size=getattr(text_config, "vocab_size", None),
-            newest_checkpoint=lambda: latest_complete_checkpoint(self.args.output_dir, checksum=False),
-            step_applied=self.step_applied if self.is_deepspeed_enabled else None,
-        )
-        self.add_callback(self.health)
+        self.watch_steps(vocab_size=getattr(getattr(config, "text_config", config), "vocab_size", None))
         self.guide = None
         if guide is not None:
             self.guide = Guide(guide, self.model, pad_token_id=self.processing_class.pad_token_id,
@@ -86,16 +80,6 @@ class TGATrainer(Trainer):
             if folder:
                 self.guide.load(folder)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        """HF's step; its loss also goes to the step-health check (HF's log hides a non-finite one)."""
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        self.health.observe_loss(loss)
-        return loss
-
-    def step_applied(self) -> bool:
-        """Whether DeepSpeed applied the last optimizer step (it skips one whose gradients are not finite)."""
-        return bool(self.model_wrapped.was_step_applied()) if hasattr(self.model_wrapped, "was_step_applied") else True
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         """Model weights of a non-DeepSpeed resume (DeepSpeed loads its own states): see load_checkpoint_weights."""

@@ -11,12 +11,14 @@ import contextlib
 import json
 import logging
 import os
+import signal
 from dataclasses import dataclass
 
 from transformers import set_seed
 
 from tga.data.chat_templates import chat_template
 from tga.data.dataset import SampleBuilder
+from tga.data.guard import BadRecordLog
 from tga.data.templates import get_template
 from tga.model.lora import add_lora
 from tga.model.sources import check_model_source
@@ -26,7 +28,11 @@ from tga.model.vlm import load_vlm
 from tga.train.checkpoint import build_processor, save_model_folder
 from tga.train.cost import CostCallback, TokenCounter, numel
 from tga.train.distributed import is_main_process, prepare_process
-from tga.train.run import model_dtype, resolve_resume, write_resolved_config
+from tga.train.final_save import save_final
+from tga.train.integrity import latest_complete_checkpoint
+from tga.train.resilience import run_guards
+from tga.train.resume_check import LearningRateChange, run_record
+from tga.train.run import begin_run, model_dtype, resolved_config, train
 from tga.train.run_lock import claim_output_dir
 from tga.train.stages import apply_stage, component_modules
 from tga.unlearn.config import UnlearnArguments, parse_unlearn_config
@@ -80,6 +86,9 @@ class UnlearnRun:
     tokenizer: object
     image_processor: object
     dataset: UnlearnDataset
+    resolved: dict | None = None  # the resolved configuration (tga_config.json)
+    record: dict | None = None  # what each checkpoint records about the run (tga.train.resume_check)
+    held_signal: int | None = None  # a signal that arrived during the final save, re-raised once the folder is free
 
 
 def prepare_unlearning(argv: list[str], held: contextlib.ExitStack | None = None) -> UnlearnRun:
@@ -90,7 +99,7 @@ def prepare_unlearning(argv: list[str], held: contextlib.ExitStack | None = None
     check_model_source("model", args.model)
     if held is not None:
         held.enter_context(claim_output_dir(training_args.output_dir))
-    write_resolved_config(training_args.output_dir, "unlearn", argv, args, training_args)
+    resolved = resolved_config("unlearn", argv, args, training_args)
     set_seed(training_args.seed)
     tokenizer = load_tokenizer(args.model, model_max_length=training_args.model_max_length)
     dtype = model_dtype(training_args)
@@ -117,7 +126,8 @@ def prepare_unlearning(argv: list[str], held: contextlib.ExitStack | None = None
     frozen_forward_params = None if dataset.multimodal else (llm_params if args.lora_enable else 0)
     trainer.add_callback(CostCallback(training_args.output_dir, method, counter=counter, reference=trainer.reference,
                                       reference_params=llm_params, frozen_params=frozen_forward_params))
-    return UnlearnRun(args, training_args, trainer, model, tokenizer, image_processor, dataset)
+    record = run_record(resolved, training_args.world_size, model)
+    return UnlearnRun(args, training_args, trainer, model, tokenizer, image_processor, dataset, resolved, record)
 
 
 def run_unlearn(argv: list[str]) -> str:
@@ -130,22 +140,46 @@ def run_unlearn(argv: list[str]) -> str:
         The output folder: a complete VLM folder plus `unlearn_summary.json` and `cost.json`.
     """
     with contextlib.ExitStack() as held:  # the output folder stays claimed until the model is saved
-        return train_and_save(prepare_unlearning(argv, held))
+        run = prepare_unlearning(argv, held)
+        output_dir = train_and_save(run)
+    if run.held_signal is not None:  # it waited for the final save; now it takes effect
+        logger.warning("signal %d arrived during the final save, which was completed first (%s)", run.held_signal,
+                       output_dir)
+        signal.raise_signal(run.held_signal)
+    return output_dir
 
 
 def train_and_save(run: UnlearnRun) -> str:
-    """Train a prepared run, save the model folder, `trainer_state.json` and `unlearn_summary.json`; returns the
+    """Train a prepared run with the training stages' guards (verified resume, checkpoint markers, non-finite steps,
+    signals) and save the model folder, `trainer_state.json` and `unlearn_summary.json` atomically; returns the
     output folder."""
-    trainer, output_dir = run.trainer, run.training_args.output_dir
-    trainer.train(resume_from_checkpoint=resolve_resume(run.training_args))
-    save_unlearned(trainer, run.model, run.tokenizer, run.image_processor, output_dir, run.args.lora_enable)
+    trainer, training_args = run.trainer, run.training_args
+    output_dir = training_args.output_dir
+    resume, changes = begin_run(training_args, run.resolved, run.record)
+    if changes:
+        trainer.add_callback(LearningRateChange(changes, training_args.learning_rate, None))
+    guards = run_guards(training_args, BadRecordLog(None), run.record)
+    for callback in guards.callbacks:
+        trainer.add_callback(callback)
+    try:
+        train(trainer, guards, resume, "unlearn")
+        save_final(lambda folder: write_unlearned(folder, run), output_dir, trainer.state.global_step, run.model,
+                   training_args.device, newest_checkpoint=latest_complete_checkpoint(output_dir, checksum=False))
+    finally:
+        run.held_signal = guards.stop.release()
+    logger.info("unlearning finished after %d steps -> %s", trainer.state.global_step, output_dir)
+    return output_dir
+
+
+def write_unlearned(folder: str, run: UnlearnRun) -> None:
+    """Every final file of an unlearning run into `folder` (every rank calls this; rank 0 writes)."""
+    trainer = run.trainer
+    save_unlearned(trainer, run.model, run.tokenizer, run.image_processor, folder, run.args.lora_enable)
     if is_main_process():
-        trainer.save_state()
+        trainer.state.save_to_json(os.path.join(folder, "trainer_state.json"))
         summary = {"method": "unlearn-multimodal" if run.dataset.multimodal else "unlearn-text",
                    "steps": trainer.state.global_step, "stopped_at": trainer.stopped_at,
                    "reference": run.args.reference_kind(), "lora": run.args.lora_enable,
                    "harmful_pairs": len(run.dataset), "log_history": trainer.state.log_history}
-        with open(os.path.join(output_dir, SUMMARY_FILE), "w", encoding="utf-8") as handle:
+        with open(os.path.join(folder, SUMMARY_FILE), "w", encoding="utf-8") as handle:
             json.dump(summary, handle, indent=2)
-    logger.info("unlearning finished after %d steps -> %s", trainer.state.global_step, output_dir)
-    return output_dir

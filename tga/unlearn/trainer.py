@@ -18,6 +18,7 @@ import torch
 from transformers import Trainer
 
 from tga.train.cost import TokenCounter
+from tga.train.divergence import WatchedSteps
 from tga.train.running_means import RunningMeans
 from tga.unlearn.dataset import group_inputs
 from tga.unlearn.loss import UnlearnWeights, response_kl, response_nll, unlearn_loss
@@ -47,7 +48,7 @@ def deepspeed_reference(reference: torch.nn.Module, accelerator) -> torch.nn.Mod
     return engine
 
 
-class UnlearnTrainer(Trainer):
+class UnlearnTrainer(WatchedSteps, Trainer):
     """Trainer for `L = w_fgt * L_forget + w_rdn * L_mismatch + w_nor * L_keep`.
 
     Args:
@@ -74,6 +75,7 @@ class UnlearnTrainer(Trainer):
                 reference.to(self.args.device)
         self.stopped_at: dict | None = None
         self.running = RunningMeans()
+        self.watch_steps(vocab_size=None)  # non-finite steps stop the run; its loss is not a plain CE (no ln V check)
 
     def reference_logits(self, model, inputs: dict) -> torch.Tensor:
         """Logits of the frozen reference on the keep group (no grad)."""
