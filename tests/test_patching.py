@@ -164,3 +164,20 @@ def test_a_vlm_reports_image_and_caption_projections_on_the_refusal_direction(ti
     assert all(len(values) == layers + 1 for values in report["direction"].values())
     # the direction is toxic minus benign: toxic prompts project above benign ones at every layer past the embeddings
     assert all(t > b for t, b in zip(report["direction"]["toxic"][1:], report["direction"]["benign"][1:]))
+
+
+def test_each_pair_has_its_causal_layer_and_world2_pairs_use_its_held_out_benign_names(planted_llm, pairs_file,
+                                                                                      tmp_path):
+    report = run_patching(planted_llm, pairs_file, str(tmp_path / "out"), template="llava_llama_2", batch_size=4,
+                          max_new_tokens=4)
+    assert report["pair_causal_layers"] == [PLANTED] * report["num_pairs"]
+    vocabulary = write_pairs(tmp_path / "vocabulary.jsonl", [
+        {"name": "bulota", "harmful": True, "heldout": True}, {"name": "mireka", "harmful": False, "heldout": True},
+        {"name": "sanolu", "harmful": False, "heldout": True}, {"name": "kolupa", "harmful": False, "heldout": True},
+        {"name": "tavemi", "harmful": False, "heldout": False}])
+    prompts = write_pairs(tmp_path / "toxic.jsonl", [{"id": "a", "text": "a bulota near a sanolu", "concept": "bulota"}])
+    assert main(["analyze", "patching-pairs", "--data", prompts, "--vocabulary", vocabulary,
+                 "--out", str(tmp_path / "pairs.jsonl")]) == 0
+    pair = json.loads((tmp_path / "pairs.jsonl").read_text().splitlines()[0])
+    # held-out benign names only (not the trained tavemi), and not sanolu, which the scene already holds
+    assert (pair["benign"], pair["control"]) == ("a mireka near a sanolu", "a kolupa near a sanolu")

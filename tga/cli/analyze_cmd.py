@@ -102,6 +102,10 @@ def _patching_pairs(args: argparse.Namespace) -> int:
     from tga.safety.patching_run import patching_pairs
 
     benign = args.benign
+    if args.vocabulary:  # world 2: its held-out benign names, as `tga demo-assets --world 2` lists them
+        from tga.records_io import load_records
+
+        benign = [row["name"] for row in load_records(args.vocabulary) if row.get("heldout") and not row.get("harmful")]
     if not benign:
         from tga.demo.world import BENIGN_CONCEPTS
 
@@ -177,6 +181,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pairs.add_argument("--data", required=True, help="prompts with their toxic concept: {text, concept} per record")
     pairs.add_argument("--benign", nargs="+", default=None,
                        help="benign concepts put in the toxic concept's place (default: the demo world's)")
+    pairs.add_argument("--vocabulary", default=None,
+                       help="world 2's vocabulary.jsonl: its held-out benign names are put in the toxic name's place")
     pairs.add_argument("--concept_field", default="concept", help="the record field naming the toxic concept")
     pairs.add_argument("--out", required=True, help="the pairs JSONL to write")
     pairs.set_defaults(func=_patching_pairs)

@@ -132,6 +132,9 @@ def summarise(results: list[dict], num_layers: int) -> dict:
             "opener_change": np.mean([r["opener_change"][direction] for r in results], axis=0).tolist(),
         }
     summary["causal_layer"] = causal_layer(summary["toxic_into_benign"]["flip_share"])
+    # each pair's own causal layer: the earliest block whose toxic state flips its benign twin (None: none does)
+    summary["pair_causal_layers"] = [causal_layer([float(flip) for flip in r["flips"]["toxic_into_benign"]], 1.0)
+                                     for r in results]
     return summary
 
 
