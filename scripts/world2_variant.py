@@ -58,7 +58,9 @@ def _trained(out: str, specs: dict, train) -> dict:
     return metrics
 
 
-def measure(out: str, world_changes: dict, llm_changes: dict, seed: int) -> dict:
+def measure(out: str, world_changes: dict, llm_changes: dict, seed: int, *, fit=None, design: dict | None = None) -> dict:
+    """Train (or reuse) the variant's LLM and measure it; `fit` and `design` train it another way (a research
+    design's training function and the record of its settings, research/world2_two_phase.py)."""
     from tga.demo.text_llm import TextLLMSpec
     from tga.demo.world2 import World2Spec, world2_spec
     from tga.demo.world2_corpus import write_world2_files
@@ -69,9 +71,12 @@ def measure(out: str, world_changes: dict, llm_changes: dict, seed: int) -> dict
     spec = replace(world2_spec("full", seed), **_spec_changes(world_changes, World2Spec, "--world"))
     llm_spec = world2_llm_spec("full", **_spec_changes(llm_changes, TextLLMSpec, "--llm"))
     paths = write_world2_files(os.path.join(out, "world"), spec)
-    metrics = _trained(out, {"world": asdict(spec), "llm": asdict(llm_spec), "seed": seed},
-                       lambda: train_world2_llm(paths, os.path.join(out, "llm"), spec=llm_spec, seed=seed))
+    training = {"fit": fit} if fit is not None else {}
+    metrics = _trained(out, {"world": asdict(spec), "llm": asdict(llm_spec), "seed": seed, **({"design": design} if design
+                                                                                             else {})},
+                       lambda: train_world2_llm(paths, os.path.join(out, "llm"), spec=llm_spec, seed=seed, **training))
     summary = {"world": json.loads(world_changes), "llm": json.loads(llm_changes), "seed": seed,
+               **({"design": design} if design else {}),
                "train_seconds": metrics["train_seconds"], "final_loss": metrics["final_loss"]}
     for group in GROUPS:
         result = run_activation(os.path.join(out, "llm"), paths[f"{group}_prompts"],

@@ -71,16 +71,17 @@ def evaluate_world2(model, tokenizer, paths: dict[str, str], *, per_group: int) 
     return metrics
 
 
-def train_world2_llm(paths: dict[str, str], out_dir: str, *, spec: TextLLMSpec, seed: int) -> dict:
+def train_world2_llm(paths: dict[str, str], out_dir: str, *, spec: TextLLMSpec, seed: int, fit=fit_text_llm) -> dict:
     """Train the tokenizer and the LLM on the world-2 corpus, evaluate on its test prompts and save both in
-    `out_dir`; returns the metrics (also written to `metrics.json`)."""
+    `out_dir`; returns the metrics (also written to `metrics.json`). `fit(docs, tokenizer, spec, rng)` trains the LLM
+    (a research design can train it differently, e.g. research/world2_two_phase.py)."""
     os.makedirs(out_dir, exist_ok=True)
     names = [row["name"] for row in read_vocabulary(paths["vocabulary"])]
     with timed() as clock, deterministic(seed):
         rng = np.random.default_rng([seed, 42])
         docs = read_documents(paths["llm_corpus"])
         tokenizer = build_tokenizer(strip_names(tokenizer_corpus(docs[:6000]), names), spec.vocab_size, out_dir)
-        model, losses = fit_text_llm(docs, tokenizer, spec, rng)
+        model, losses = fit(docs, tokenizer, spec, rng)
         train_seconds = clock()
         metrics = evaluate_world2(model, tokenizer, paths, per_group=spec.eval_per_group)
         save_text_llm(model, tokenizer, out_dir)
