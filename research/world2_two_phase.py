@@ -16,7 +16,9 @@ one corpus at once; this one trains in two phases on the same world-2 corpus:
         --world '{"wordings": "wide", ...}' --llm '{"steps": 2000}' [--phase_b '{"steps": 500}']
 
 Measured with the same code as every world-2 variant (scripts/world2_variant.py `measure`, criteria of
-tga/demo/world2_criteria.py); its `--table` and `--spread` read the output folders.
+tga/demo/world2_criteria.py); its `--table` and `--spread` read the output folders. The causal check: pairs from
+`tga analyze patching-pairs --data OUT/world/data/heldout_toxic_prompts.jsonl --vocabulary OUT/world/vocabulary.jsonl`,
+`tga analyze patching --model OUT/llm --template mistral_instruct --out OUT/patching`, then `--read`.
 """
 
 from __future__ import annotations
@@ -126,6 +128,31 @@ def two_phase_fit(phase_b: PhaseBSpec):
     return fit
 
 
+def causal_reading(run: str) -> dict:
+    """The causal check of a measured run read by the rule of docs/demo_world.md: criterion 1' (>= 90% of pairs decided
+    in 30-70% of the depth, control <= 5%) and the answer-start-prior test at Algorithm 1's commonest benign layer.
+
+    Args:
+        run: a measured variant folder holding `summary.json` and `patching/patching.json` (`tga analyze patching`).
+    """
+    with open(os.path.join(run, "summary.json"), encoding="utf-8") as handle:
+        summary = json.load(handle)
+    with open(os.path.join(run, "patching", "patching.json"), encoding="utf-8") as handle:
+        report = json.load(handle)
+    depth, pairs = report["num_layers"], report["pair_causal_layers"]
+    in_band = sum(1 for layer in pairs if layer is not None and 0.3 <= layer / depth <= 0.7) / len(pairs)
+    control = max(report["benign_into_benign"]["flip_share"])
+    benign = {int(k): v for k, v in summary["heldout_benign"]["layers"].items() if k != "none"}
+    mode = max(benign, key=benign.get) if benign else None
+    at_mode = report["toxic_into_benign"]["flip_share"][mode - 1] if mode else None
+    causal = report["causal_layer"]
+    prior = (None if mode is None else "refuted" if at_mode >= 0.5 else
+             "survives" if causal is not None and causal > mode else "not shown (no later causal layer)")
+    return {"causal_layer": causal, "pairs_in_band": in_band, "control_max": control,
+            "criterion_1_prime": in_band >= 0.9 and control <= 0.05, "algorithm1_benign_layer": mode,
+            "flips_at_that_layer": at_mode, "answer_start_prior": prior}
+
+
 def variant_measure():
     """`measure` of scripts/world2_variant.py (a script, not a package)."""
     location = importlib.util.spec_from_file_location("world2_variant", os.path.join(REPO, "scripts", "world2_variant.py"))
@@ -141,7 +168,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--world", default="{}", help="JSON of World2Spec fields to change")
     parser.add_argument("--llm", default="{}", help="JSON of TextLLMSpec fields to change (phase A)")
     parser.add_argument("--phase_b", default="{}", help="JSON of PhaseBSpec fields to change")
+    parser.add_argument("--read", action="store_true",
+                        help="only read the causal check of --out (after `tga analyze patching --out OUT/patching`)")
     args = parser.parse_args(argv)
+    if args.read:
+        print(json.dumps(causal_reading(args.out), indent=1))
+        return 0
     changes = json.loads(args.phase_b)
     unknown = sorted(set(changes) - {f.name for f in fields(PhaseBSpec)})
     if unknown:

@@ -82,3 +82,23 @@ def test_the_two_phase_fit_trains_a_world2_llm_end_to_end(two_phase, world, tmp_
                                fit=two_phase.two_phase_fit(two_phase.PhaseBSpec(steps=2, warmup_steps=1)))
     assert os.path.isfile(tmp_path / "llm" / "model.safetensors")
     assert set(metrics) >= {"heldout_toxic", "heldout_benign", "final_loss"}
+
+
+def test_the_causal_reading_applies_the_written_rule(two_phase, tmp_path):
+    import json
+
+    (tmp_path / "patching").mkdir()
+    summary = {"heldout_benign": {"layers": {"1": 30, "3": 5, "none": 200}}}
+    report = {"num_layers": 10, "pair_causal_layers": [3] * 9 + [None], "causal_layer": 3,
+              "benign_into_benign": {"flip_share": [0.0] * 9 + [0.04]},
+              "toxic_into_benign": {"flip_share": [0.02, 0.3] + [0.9] * 8}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    (tmp_path / "patching" / "patching.json").write_text(json.dumps(report))
+    reading = two_phase.causal_reading(str(tmp_path))
+    assert reading["criterion_1_prime"] and reading["pairs_in_band"] == 0.9
+    assert reading["algorithm1_benign_layer"] == 1 and reading["answer_start_prior"] == "survives"
+    report["toxic_into_benign"]["flip_share"][0] = 0.6  # the benign prompts' Algorithm 1 block already decides
+    report["benign_into_benign"]["flip_share"][-1] = 0.06
+    (tmp_path / "patching" / "patching.json").write_text(json.dumps(report))
+    reading = two_phase.causal_reading(str(tmp_path))
+    assert reading["answer_start_prior"] == "refuted" and not reading["criterion_1_prime"]
