@@ -73,7 +73,7 @@ class StepHealth(TrainerCallback):
                  step_applied=None):
         self.max_nonfinite_steps = max_nonfinite_steps
         self.step_applied = step_applied
-        self.uniform_loss = math.log(vocab_size) if vocab_size else None
+        self.uniform_loss = math.log(int(vocab_size)) if vocab_size else None  # a config int, never a tensor
         self.newest_checkpoint = newest_checkpoint or (lambda: None)
         self.step_loss = 0.0  # the sum of this rank's micro-batch losses of the running step (HF logs its mean over ranks)
         self.step_nonfinite = False

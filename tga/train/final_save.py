@@ -13,8 +13,10 @@ Signals that arrive during the save (SIGTERM, SIGUSR1 from a scheduler, Ctrl-C) 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
+import signal
 
 from tga.errors import TrainingDiverged
 from tga.train.distributed import barrier, is_main_process
@@ -23,6 +25,8 @@ from tga.train.integrity import COMPLETE_MARKER, mark_complete
 from tga.train.preflight import CheckpointError, free_space
 
 STAGING = ".tga-final.tmp"
+
+logger = logging.getLogger(__name__)
 
 
 def publish(staging: str, output_dir: str) -> None:
@@ -73,3 +77,10 @@ def save_final(write, output_dir: str, step: int, model, device=None, newest_che
         raise CheckpointError(f"cannot write the final model to {output_dir} ({type(error).__name__}: {error}; "
                               f"{free_space(output_dir)}); the partial files were removed; {resume}") from error
     barrier()
+
+
+def take_held_signal(held: int | None, output_dir: str) -> None:
+    """Let a signal that waited for the final save take effect now (call after the output folder is released)."""
+    if held is not None:
+        logger.warning("signal %d arrived during the final save, which was completed first (%s)", held, output_dir)
+        signal.raise_signal(held)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import time
 from dataclasses import asdict
 
@@ -36,7 +35,7 @@ from tga.options import config_argv
 from tga.train.checkpoint import load_projector, save_model_folder, save_projector
 from tga.train.cost import CostCallback
 from tga.train.distributed import is_main_process, prepare_process
-from tga.train.final_save import save_final
+from tga.train.final_save import save_final, take_held_signal
 from tga.train.integrity import latest_complete_checkpoint, list_checkpoints
 from tga.train.plots import plot_training_curves
 from tga.train.preflight import check_output_dir, preflight
@@ -175,10 +174,7 @@ def run_stage(stage: str, argv: list[str]) -> str:
     check_stage_options(components, model_args, tga_args, training_args)
     with claim_output_dir(training_args.output_dir):  # one run at a time per folder, until the stage ends
         held = train_stage(stage, argv, components, model_args, data_args, tga_args, training_args)
-    if held is not None:  # a signal that came after the last step waited for the final save; now it takes effect
-        logger.warning("signal %d arrived during the final save, which was completed first (%s)", held,
-                       training_args.output_dir)
-        signal.raise_signal(held)
+    take_held_signal(held, training_args.output_dir)
     return training_args.output_dir
 
 
@@ -220,22 +216,32 @@ def train_stage(stage, argv, components, model_args, data_args, tga_args, traini
         reference_params=guide.caption_parameters(model) if guide else None,
         reference_tokens=guide.caption_tokens if guide else None,
     ))
-    if changes:
-        trainer.add_callback(LearningRateChange(changes, training_args.learning_rate, training_args.mm_projector_lr))
-    guards = run_guards(training_args, dataset.log, record)
-    for callback in guards.callbacks:
-        trainer.add_callback(callback)
-    try:
-        train(trainer, guards, resume, stage)
-        save_final(lambda folder: write_final(folder, stage, components, trainer, model, tokenizer, image_processor,
-                                              model_args, training_args),
-                   output_dir, trainer.state.global_step, model, training_args.device,
-                   newest_checkpoint=latest_complete_checkpoint(output_dir, checksum=False))
-    finally:
-        held = guards.stop.release()
+    held = train_and_finish(
+        trainer, stage, resume, changes, record, dataset.log,
+        lambda folder: write_final(folder, stage, components, trainer, model, tokenizer, image_processor, model_args,
+                                   training_args))
     if is_main_process():
         plot_training_curves(trainer.state.log_history, output_dir)
     logger.info("stage %s finished in %.1f s -> %s", stage, time.time() - started, output_dir)
+    return held
+
+
+def train_and_finish(trainer, name: str, resume: str | None, changes: dict, record: dict, log, write) -> int | None:
+    """Train with the run's guards (checkpoint markers, signal stop, saves on a clock, launcher watch) and write the
+    final files atomically with `write(folder)`; returns a signal held during the final save, or None (the caller
+    re-raises it once the output folder is released: `final_save.take_held_signal`)."""
+    args = trainer.args
+    if changes:
+        trainer.add_callback(LearningRateChange(changes, args.learning_rate, getattr(args, "mm_projector_lr", None)))
+    guards = run_guards(args, log, record)
+    for callback in guards.callbacks:
+        trainer.add_callback(callback)
+    try:
+        train(trainer, guards, resume, name)
+        save_final(write, args.output_dir, trainer.state.global_step, trainer.model, args.device,
+                   newest_checkpoint=latest_complete_checkpoint(args.output_dir, checksum=False))
+    finally:
+        held = guards.stop.release()
     return held
 
 

@@ -11,7 +11,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 from dataclasses import dataclass
 
 from transformers import set_seed
@@ -28,11 +27,9 @@ from tga.model.vlm import load_vlm
 from tga.train.checkpoint import build_processor, save_model_folder
 from tga.train.cost import CostCallback, TokenCounter, numel
 from tga.train.distributed import is_main_process, prepare_process
-from tga.train.final_save import save_final
-from tga.train.integrity import latest_complete_checkpoint
-from tga.train.resilience import run_guards
-from tga.train.resume_check import LearningRateChange, run_record
-from tga.train.run import begin_run, model_dtype, resolved_config, train
+from tga.train.final_save import take_held_signal
+from tga.train.resume_check import run_record
+from tga.train.run import begin_run, model_dtype, resolved_config, train_and_finish
 from tga.train.run_lock import claim_output_dir
 from tga.train.stages import apply_stage, component_modules
 from tga.unlearn.config import UnlearnArguments, parse_unlearn_config
@@ -142,10 +139,7 @@ def run_unlearn(argv: list[str]) -> str:
     with contextlib.ExitStack() as held:  # the output folder stays claimed until the model is saved
         run = prepare_unlearning(argv, held)
         output_dir = train_and_save(run)
-    if run.held_signal is not None:  # it waited for the final save; now it takes effect
-        logger.warning("signal %d arrived during the final save, which was completed first (%s)", run.held_signal,
-                       output_dir)
-        signal.raise_signal(run.held_signal)
+    take_held_signal(run.held_signal, output_dir)
     return output_dir
 
 
@@ -156,17 +150,8 @@ def train_and_save(run: UnlearnRun) -> str:
     trainer, training_args = run.trainer, run.training_args
     output_dir = training_args.output_dir
     resume, changes = begin_run(training_args, run.resolved, run.record)
-    if changes:
-        trainer.add_callback(LearningRateChange(changes, training_args.learning_rate, None))
-    guards = run_guards(training_args, BadRecordLog(None), run.record)
-    for callback in guards.callbacks:
-        trainer.add_callback(callback)
-    try:
-        train(trainer, guards, resume, "unlearn")
-        save_final(lambda folder: write_unlearned(folder, run), output_dir, trainer.state.global_step, run.model,
-                   training_args.device, newest_checkpoint=latest_complete_checkpoint(output_dir, checksum=False))
-    finally:
-        run.held_signal = guards.stop.release()
+    run.held_signal = train_and_finish(trainer, "unlearn", resume, changes, run.record, BadRecordLog(None),
+                                       lambda folder: write_unlearned(folder, run))
     logger.info("unlearning finished after %d steps -> %s", trainer.state.global_step, output_dir)
     return output_dir
 
