@@ -46,7 +46,7 @@ setup(
     description="Text-Guided vision-language Alignment: LLaVA-style VLM training that keeps the LLM's safety",
     packages=find_packages(include=["tga", "tga.*"]),
     # what an installed `tga demo` reads: the demo's plans and recipes, the demo world's shipped CLIP and LLM
-    package_data={"tga": ["py.typed", "demo/configs/*.yaml", "demo/prebuilt/*/*"]},
+    package_data={"tga": ["py.typed", "demo/configs/*.yaml", "demo/prebuilt/*/*", "cli/script_help/*.txt"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

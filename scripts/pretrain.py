@@ -7,18 +7,13 @@ Stage 1: projector pretraining (vision tower and LLM frozen).
 The YAML is optional; flags (LLaVA's names included) override it. See docs/training.md.
 """
 
-import logging
 import sys
 
-from tga.errors import TGAError
-from tga.train.distributed import finish_distributed
-from tga.train.run import run_stage
+from tga.cli.script_help import print_help_if_asked
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        run_stage("pretrain", sys.argv[1:])
-        finish_distributed()
-    except TGAError as error:
-        print(f"pretrain: error: {error}", file=sys.stderr)
-        sys.exit(getattr(error, "exit_code", 2))
+    print_help_if_asked("pretrain", sys.argv[1:])  # before torch is imported
+    from tga.train.distributed import run_entry_point
+    from tga.train.run import run_stage
+
+    run_entry_point("pretrain", lambda argv: run_stage("pretrain", argv), sys.argv[1:])

@@ -7,18 +7,13 @@ Textual (or multimodal) unlearning of the LLM inside a saved VLM, the multi-GPU 
 The YAML is optional; flags override it. See docs/unlearning.md.
 """
 
-import logging
 import sys
 
-from tga.errors import TGAError
-from tga.train.distributed import finish_distributed
-from tga.unlearn import run_unlearn
+from tga.cli.script_help import print_help_if_asked
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        run_unlearn(sys.argv[1:])
-        finish_distributed()
-    except TGAError as error:
-        print(f"unlearn: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    print_help_if_asked("unlearn", sys.argv[1:])  # before torch is imported
+    from tga.train.distributed import run_entry_point
+    from tga.unlearn import run_unlearn
+
+    run_entry_point("unlearn", run_unlearn, sys.argv[1:])

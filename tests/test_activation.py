@@ -12,7 +12,8 @@ from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerF
 
 from tga.cli import analyze_cmd
 from tga.errors import ConfigError, DataError
-from tga.safety.activation import analyze_activation, logit_lens, refusal_ranks, refusal_token_ids, save_activation
+from tga.safety.activation import analyze_activation, logit_lens, refusal_ranks, save_activation
+from tga.safety.refusal_tokens import refusal_token_ids
 from tga.safety.states import last_token_states, lens_parts
 
 WORDS = ["<pad>", "<unk>", "<s>", "</s>", "Sorry", "Alpha", "Beta"] + [f"w{i}" for i in range(50)] + ["please"]

@@ -75,3 +75,18 @@ def test_the_tga_commands_refuse_abbreviations_and_bad_switch_values():
         with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as exit_info:
             tga_main(argv)
         assert exit_info.value.code == 2 and message in stderr.getvalue(), (argv, stderr.getvalue())
+
+
+@pytest.mark.parametrize("word", ["yes", "No", "T", "f", "Y", "n", "1", "0", "TRUE", "false", "maybe", "", "2"])
+def test_a_tga_switch_reads_a_word_as_training_does(word):
+    from transformers.hf_argparser import string_to_bool as training_reads
+
+    from tga.cli.switches import string_to_bool as tga_reads
+
+    def outcome(read):
+        try:
+            return read(word)
+        except argparse.ArgumentTypeError as error:
+            return str(error)
+
+    assert outcome(tga_reads) == outcome(training_reads)

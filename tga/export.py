@@ -19,6 +19,7 @@ from transformers import AutoConfig, LlavaForConditionalGeneration
 
 from tga.data.chat_templates import chat_template
 from tga.errors import ConfigError
+from tga.export_layouts import LAYOUTS
 from tga.export_transformers4 import MODEL_INPUT_NAMES, convert_to_transformers4, read_json, write_json
 from tga.model.lora import has_lora_keys, merge_lora_checkpoint_state
 from tga.model.projector import DEFAULT_PROJECTOR, build_projector
@@ -27,8 +28,6 @@ from tga.model.vision import folder_aspect_ratio, load_image_processor, run_sett
 from tga.model.vlm import is_vlm_checkpoint, load_vlm, weight_files
 from tga.train.checkpoint import build_processor
 
-FORMATS = ("hf-llava",)
-LAYOUTS = ("transformers5", "transformers4")  # the key names, config fields and tokenizer files of that version
 
 
 def is_deepspeed_checkpoint(path: str) -> bool:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from tga.bench.keywords import Verdict
+from tga.bench.keywords import JUDGES, Verdict
 
 logger = logging.getLogger(__name__)
 
@@ -191,10 +191,6 @@ class VisionGuardJudge:
             text = self.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
             verdicts.append(parse_first_line(text))
         return verdicts
-
-
-JUDGES: tuple[str, ...] = ("keyword-gcg", "keyword-vlguard", "keyword-project", "llama-guard-3",
-                           "llama-guard-3-vision", "md-judge")
 
 
 def get_bench_judge(name: str, model_dir: str | None = None, *, device: str = "cpu", dtype: str | None = None,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from tga.safety.activation import DEFAULT_REFUSAL_PHRASES, RULES
+from tga.safety.refusal_tokens import DEFAULT_REFUSAL_PHRASES, RULES
 
 CONTROL_WARNING = 0.2  # share of benign control prompts activating above which the layer is suspect
 

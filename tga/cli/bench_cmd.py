@@ -13,8 +13,7 @@ import argparse
 import os
 from typing import Any
 
-from tga.bench.guards import JUDGES
-from tga.bench.keywords import PRESETS
+from tga.bench.keywords import JUDGES, PRESETS
 from tga.bench.mmsafetybench import IMAGE_TYPES, QUESTION_FOR_TYPE
 from tga.bench.readers import BENCHMARKS
 from tga.bench.vlguard import SUBSETS

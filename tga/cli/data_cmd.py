@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 
 from tga.cli.switches import add_switch
-from tga.tiny import make_tiny_assets
 
 
 def make_tiny(args) -> int:
+    from tga.tiny import make_tiny_assets
+
     print(json.dumps(make_tiny_assets(args.out_dir, seed=args.seed, num_images=args.num_images), indent=1))
     return 0
 

@@ -8,10 +8,12 @@ folder or a DeepSpeed checkpoint, for transformers 5 or 4.x;
 
 from __future__ import annotations
 
-from tga.export import FORMATS, LAYOUTS, export_hf_llava
+from tga.export_layouts import FORMATS, LAYOUTS
 
 
 def run_export(args) -> int:
+    from tga.export import export_hf_llava
+
     print(f"exported to {export_hf_llava(args.source, args.out, layout=args.layout)}")
     return 0
 

@@ -24,37 +24,8 @@ import torch
 
 from tga.errors import ConfigError, DataError
 from tga.safety.io import write_json
+from tga.safety.refusal_tokens import RULES
 from tga.safety.states import LensParts
-
-DEFAULT_REFUSAL_PHRASES: tuple[str, ...] = ("Sorry", "I cannot", "I apologize")
-RULES = ("paper", "released")
-
-
-def refusal_token_ids(tokenizer: Any, phrases: Sequence[str] = DEFAULT_REFUSAL_PHRASES) -> list[int]:
-    """First token ids of refusal phrases, with and without a leading space.
-
-    Three spellings per phrase: as given, after a space, and directly after a newline (which yields the
-    no-space token for sentencepiece tokenizers that otherwise always add the word-start marker).
-    Whitespace-only tokens are skipped.
-
-    Args:
-        tokenizer: an HF tokenizer.
-        phrases: the refusal phrases.
-
-    Returns:
-        Distinct token ids, in first-seen order.
-    """
-    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
-    ids: list[int] = []
-    for phrase in phrases:
-        for variant, skip in ((phrase, 0), (" " + phrase, 0), ("\n" + phrase, len(newline))):
-            tokens = tokenizer(variant, add_special_tokens=False)["input_ids"][skip:]
-            first = next((t for t in tokens if tokenizer.decode([t]).strip()), None)
-            if first is not None and first not in ids:
-                ids.append(first)
-    if not ids:
-        raise ConfigError(f"--refusal_tokens: no token ids found for {list(phrases)}")
-    return ids
 
 
 @torch.no_grad()

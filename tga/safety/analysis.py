@@ -16,15 +16,10 @@ from tga.data.chat_templates import chat_template
 from tga.errors import ConfigError, DataError
 from tga.image_io import open_image, resolve_image_path
 from tga.records_io import load_records, record_label
-from tga.safety.activation import (
-    DEFAULT_REFUSAL_PHRASES,
-    ActivationResult,
-    analyze_activation,
-    refusal_token_ids,
-    save_activation,
-)
+from tga.safety.activation import ActivationResult, analyze_activation, save_activation
 from tga.safety.io import read_texts
 from tga.safety.loading import is_vlm_dir, load_causal_lm, load_chat
+from tga.safety.refusal_tokens import DEFAULT_REFUSAL_PHRASES, refusal_token_ids
 from tga.safety.similarity import save_similarity, similarity_report
 from tga.safety.states import chat_last_token_states, chat_pooled_states, last_token_states, lens_parts
 

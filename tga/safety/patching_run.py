@@ -27,11 +27,11 @@ import torch
 
 from tga.errors import DataError
 from tga.records_io import load_records, record_label
-from tga.safety.activation import DEFAULT_REFUSAL_PHRASES, refusal_token_ids
 from tga.safety.io import write_json
 from tga.safety.judge import KeywordJudge
 from tga.safety.loading import is_vlm_dir, load_causal_lm, load_chat
 from tga.safety.patching import DIRECTIONS, Encoded, PatchingModel, causal_layer, patch_pairs
+from tga.safety.refusal_tokens import DEFAULT_REFUSAL_PHRASES, refusal_token_ids
 from tga.safety.resume import ResultStore, run_resumable
 from tga.safety.states import format_user_turns
 

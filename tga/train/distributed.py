@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import os
 import socket
+import sys
 import time
+from typing import NoReturn
 
 import torch
 
@@ -140,13 +143,39 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def finish_distributed() -> None:
-    """Wait for every rank, then tear the process group down before the interpreter exits.
+def end_process(code: int) -> NoReturn:
+    """End a rank of a run with exit status `code`; the entry-point scripts call this last.
 
-    Without it a rank that is done exits while rank 0 still writes the model folder, and its backend threads can be
-    destroyed mid-wait ("terminate called without an active exception"): the rank aborts and the launcher kills a run
-    that finished. The entry-point scripts call this last.
+    Without a process group this is `sys.exit(code)`. With one, a rank whose run finished (`code` 0) first waits for
+    the others, so that it does not leave while rank 0 still writes the model folder, and tears the group down. The
+    rank then runs the atexit handlers (wandb, logging, the run lock, the CPU comm buffer), flushes its output and
+    leaves without the interpreter's teardown (`os._exit`): ZeRO-3 keeps the model, and through its parameters the
+    gloo or NCCL groups and their worker threads, in DeepSpeed's module-level state (`FWD_MODULE_STACK`, a class-level
+    cache) until that teardown, and a worker thread that releases work once the GIL is gone aborts the rank
+    ("terminate called without an active exception", exit -6) after a run that finished; the launcher then fails
+    the whole job. A failed rank skips the wait, which could hang on ranks that are gone.
     """
-    if torch.distributed.is_initialized():
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        sys.exit(code)
+    if code == 0:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    atexit._run_exitfuncs()  # what a normal exit runs first; os._exit below runs nothing
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run_entry_point(name: str, run, argv: list[str]) -> NoReturn:
+    """The body of `scripts/<name>.py`: `run(argv)`, a `TGAError` as one line on stderr with its exit code, then
+    `end_process`. Other exceptions keep their traceback."""
+    from tga.errors import TGAError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        run(argv)
+        code = 0
+    except TGAError as error:
+        print(f"{name}: error: {error}", file=sys.stderr)
+        code = getattr(error, "exit_code", 2)
+    end_process(code)
