@@ -23,7 +23,7 @@ $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
 	$(PIP_INSTALL) torch==2.14.1 torchvision==0.29.1
-	$(PIP_INSTALL) -e ".[dev]"
+	$(PIP_INSTALL) -e ".[dev,serve]"
 	touch $(STAMP)
 
 # lmms-eval in its own environment layered on $(VENV): a .pth file puts the project's packages behind its own, so it

@@ -38,6 +38,13 @@ EXTRAS_REQUIRE = {
         "ruff==0.17.5",
         "tensorboard==2.21.0",
     ],
+    # `tga serve` (docs/serve.md): the page, its client (the tests drive it) and the headless-browser test's driver.
+    # gradio 6.31 needs pillow < 13, which resolves pillow to 12.x here (the demo world renders the same bytes).
+    "serve": [
+        "gradio==6.31.0",
+        "gradio_client==2.7.2",
+        "selenium==4.51.0",
+    ],
 }
 
 setup(

@@ -23,6 +23,7 @@ SUBCOMMANDS = [
     "tga.cli.evaluate_cmd",
     "tga.cli.calibrate_cmd",
     "tga.cli.chat_cmd",
+    "tga.cli.serve_cmd",
     "tga.cli.unlearn_cmd",
     "tga.cli.export_cmd",
     "tga.cli.demo_assets_cmd",

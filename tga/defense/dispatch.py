@@ -45,18 +45,22 @@ class NoDefense:
 
 def add_defense_args(parser: argparse.ArgumentParser) -> None:
     """Add `--defense` and the flags of each defence (docs/evaluation.md#inference-time-defences)."""
-    from tga.defense.adashield import POSITIONS
-
     group = parser.add_argument_group("inference-time defence (docs/evaluation.md#inference-time-defences)")
     group.add_argument("--defense", default="none", choices=DEFENSES,
                        help="inference-time defence: none, ecso (Gou et al. 2024), cmrm (Liu et al. 2025) or "
                             "adashield (AdaShield-S, Wang et al. 2024)")
+    add_adashield_args(group)
+    add_ecso_args(group)
+    add_cmrm_args(group)
+
+
+def add_adashield_args(group: Any) -> None:
+    from tga.defense.adashield import POSITIONS
+
     group.add_argument("--adashield_prompt", default=None,
                        help="AdaShield-S defence prompt (default: the paper's static prompt)")
     group.add_argument("--adashield_position", default=None, choices=list(POSITIONS),
                        help="where the AdaShield-S prompt goes: before the request (default) or after it")
-    add_ecso_args(group)
-    add_cmrm_args(group)
 
 
 def add_ecso_args(group: Any) -> None:
@@ -73,9 +77,14 @@ def add_ecso_args(group: Any) -> None:
                        help="ECSO template for the text-only answer, with {caption} and {request} (default: built-in)")
 
 
-def add_cmrm_args(group: Any) -> None:
-    group.add_argument("--cmrm_file", default=None,
-                       help="CMRM calibration file from `tga calibrate cmrm` (required with --defense cmrm)")
+def add_cmrm_args(group: Any, *, per_model: bool = False) -> None:
+    if per_model:  # a calibration belongs to one model: front-ends serving several name each model's file
+        group.add_argument("--cmrm_file", default=None, action="append", metavar="[NAME=]FILE",
+                           help="CMRM calibration file from `tga calibrate cmrm`, as NAME=FILE for each --model NAME "
+                                "(a bare FILE with one model); required with --defense cmrm")
+    else:
+        group.add_argument("--cmrm_file", default=None,
+                           help="CMRM calibration file from `tga calibrate cmrm` (required with --defense cmrm)")
     group.add_argument("--cmrm_alpha", type=float, default=None,
                        help="CMRM: the image-conditioned states move back by alpha x the calibrated shift (default 1)")
     group.add_argument("--cmrm_layers", default=None,

@@ -5,12 +5,15 @@ tokens streamed to the terminal by transformers' `TextStreamer`, an interactive 
 optional retrieval of a caption-corpus text for the image (a `tga.retrieval` index folder) that the model
 sees as `Retrieved Text:` in the prompt, the way TGA training presents it. With an inference-time defence
 (`tga.defense`) the defended answer is printed whole once it is final, since a defence may generate several times.
+`StreamedAnswer` is the same generation with the decoded text handed out piece by piece to another front-end
+(`tga serve`) instead of the terminal.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from PIL import Image
@@ -104,6 +107,49 @@ def answer(
     return chat.generate([image], [question], max_new_tokens=max_new_tokens, retrieved=[retrieved], streamer=streamer)[
         0
     ]
+
+
+class StreamedAnswer:
+    """One undefended answer generated in a worker thread by the call `answer` makes (`ChatModel.generate_usage`,
+    greedy), its text handed out as it is decoded: iterate for the pieces, then read `usage` (the final text, stripped
+    as `answer` returns it, and its tokens). An error in generation is raised by the iteration, not lost in the thread.
+    """
+
+    def __init__(self, chat: Any, image: Image.Image | None, question: str, *, max_new_tokens: int = 256) -> None:
+        from transformers import TextIteratorStreamer
+
+        self._streamer = TextIteratorStreamer(chat.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self._result: list[Any] = []
+        self._error: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self._result.extend(chat.generate_usage([image], [question], max_new_tokens=max_new_tokens,
+                                                        streamer=self._streamer))
+            except BaseException as error:  # noqa: BLE001 - handed to the reading thread, which raises it
+                self._error.append(error)
+                self._streamer.end()  # the reader would otherwise wait for pieces forever
+
+        self._thread = threading.Thread(target=run, name="tga-answer", daemon=True)
+        self._thread.start()
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            for piece in self._streamer:
+                if piece:
+                    yield piece
+        finally:  # a reader that stops early (a closed page) still waits for the model to be free again
+            self._thread.join()
+        if self._error:
+            raise self._error[0]
+
+    @property
+    def usage(self) -> Any:
+        """The `tga.inference.Usage` of the answer (after the iteration has finished)."""
+        self._thread.join()
+        if self._error:
+            raise self._error[0]
+        return self._result[0]
 
 
 def interactive(

@@ -1,0 +1,267 @@
+"""`tga serve` through gradio's own client: the served answers are `tga chat`'s greedy answers for the same model,
+defence, image and request; two clients at once each get their own answers, one request after the other; each kind
+of bad input gets its message in the page and the server keeps answering; uploads live in a folder removed at the
+end; the flags' mistakes are named; the demo world's scenes are the examples; `tga --help` does not import gradio."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+from PIL import Image
+
+from tga.cli import main, serve_cmd
+from tga.errors import ConfigError
+from tga.inference import Usage
+from tga.model.tokenizer import load_tokenizer
+from tga.model.vision import load_image_processor
+from tga.model.vlm import build_vlm
+from tga.safety.judge import KeywordJudge
+from tga.tiny import make_tiny_assets
+from tga.train.distributed import free_port
+
+gradio_client = pytest.importorskip("gradio_client", reason="the serve extra is not installed (pip install -e '.[serve]')")
+
+NEW_TOKENS = 8
+REQUEST = "Describe the image."
+DEFENSES = ("none", "adashield")
+
+
+def serve_args(*argv: str) -> argparse.Namespace:
+    """`tga serve`'s flags parsed by its own parser."""
+    parser = argparse.ArgumentParser()
+    serve_cmd.register(parser.add_subparsers())
+    return parser.parse_args(["serve", *argv])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Two tiny random VLM folders (different weights) and test images."""
+    root = tmp_path_factory.mktemp("serve")
+    assets = make_tiny_assets(str(root / "assets"), seed=0, num_images=4)
+    tokenizer = load_tokenizer(assets["llm"])
+    models = {}
+    for seed, name in ((0, "a"), (1, "b")):
+        torch.manual_seed(seed)
+        model = build_vlm(assets["llm"], assets["vision"], tokenizer, template="llava_llama_2")
+        for part in (model, tokenizer, load_image_processor(assets["vision"])):
+            part.save_pretrained(root / name)
+        models[name] = str(root / name)
+    images = {}
+    for name, colour in (("red", (200, 10, 10)), ("blue", (10, 10, 200))):
+        images[name] = str(root / f"{name}.png")
+        Image.new("RGB", (32, 32), colour).save(images[name])
+    return {"root": root, "models": models, "images": images}
+
+
+@pytest.fixture(scope="module")
+def served(tiny):
+    """`tga serve` on both models with no defence and AdaShield, listening on a free loopback port."""
+    from tga.serve.app import Server
+    from tga.serve.loading import build_playground
+
+    args = serve_args("--model", f"a={tiny['models']['a']}", "--model", f"b={tiny['models']['b']}",
+                      "--defense", *DEFENSES, "--max_new_tokens", str(NEW_TOKENS))
+    playground = build_playground(args, log=lambda *_: None)
+    server = Server(playground, port=free_port())
+    with server as url:
+        yield {"url": url, "server": server, "playground": playground,
+               "client": gradio_client.Client(url, verbose=False, download_files=False, analytics_enabled=False)}
+
+
+def ask(client, image: str | None, request: str) -> tuple:
+    return client.predict(gradio_client.handle_file(image) if image else None, request, api_name="/answer")
+
+
+def columns(result: tuple, count: int) -> tuple[str, list[str], list[str]]:
+    """(status, answers, verdict lines) of one `/answer` result."""
+    return result[0], list(result[2:2 + count]), list(result[2 + count:2 + 2 * count])
+
+
+def chat_answer(capsys, model: str, image: str, request: str, defense: str) -> str:
+    """What `tga chat` prints for one question."""
+    capsys.readouterr()
+    flags = [] if defense == "none" else ["--defense", defense]
+    assert main(["chat", "--model", model, "--image", image, "--max_new_tokens", str(NEW_TOKENS), *flags,
+                 request]) == 0
+    return capsys.readouterr().out.strip()
+
+
+def test_served_answers_are_tga_chat_greedy_answers_with_verdict_and_cost(served, tiny, capsys):
+    playground = served["playground"]
+    labels = [column.label for column in playground.columns]
+    assert labels == ["a · none", "a · adashield", "b · none", "b · adashield"]
+    status, answers, verdicts = columns(ask(served["client"], tiny["images"]["red"], REQUEST), len(labels))
+    assert status == "Answered in all 4 columns."
+    for column, served_answer, verdict in zip(playground.columns, answers, verdicts):
+        expected = chat_answer(capsys, tiny["models"][column.model], tiny["images"]["red"], REQUEST, column.defense)
+        assert expected and served_answer == expected, column.label
+        flag = "yes" if KeywordJudge().is_refusal(served_answer) else "no"
+        assert verdict.startswith("**judge keyword: ") and f"refusal phrases: {flag}" in verdict
+        assert " generated tokens · 1 generation · " in verdict and verdict.endswith(" s")
+    assert answers[0] != answers[2]  # two models, two answers: the columns are not one model shown twice
+
+
+class Recorder:
+    """A ChatModel whose generate calls are recorded as start and end events (to see whether two ever overlap)."""
+
+    def __init__(self, chat, events: list[str]) -> None:
+        self.chat, self.events, self.lock = chat, events, threading.Lock()
+
+    def __getattr__(self, name):
+        return getattr(self.chat, name)
+
+    def generate_usage(self, *args, **kwargs) -> list[Usage]:
+        with self.lock:
+            self.events.append("start")
+        try:
+            return self.chat.generate_usage(*args, **kwargs)
+        finally:
+            with self.lock:
+                self.events.append("end")
+
+
+def test_two_clients_at_once_each_get_their_own_answers_one_after_the_other(tiny):
+    from tga.safety.chat import answer
+    from tga.safety.loading import load_chat
+    from tga.serve.app import Server
+    from tga.serve.session import Playground
+
+    events: list[str] = []
+    chats = {name: Recorder(load_chat(tiny["models"][name]), events) for name in ("a", "b")}
+    playground = Playground(chats, {"a": {"none": None}, "b": {"none": None}}, KeywordJudge(),
+                            max_new_tokens=NEW_TOKENS)
+    asks = {"red": "Describe the image.", "blue": "What colour is it?"}
+    expected = {(name, colour): answer(chats[name].chat, Image.open(tiny["images"][colour]).convert("RGB"), request,
+                                       max_new_tokens=NEW_TOKENS, stream=False)
+                for name in chats for colour, request in asks.items()}
+    events.clear()
+    server = Server(playground, port=free_port())
+    with server as url:
+        clients = [gradio_client.Client(url, verbose=False, download_files=False, analytics_enabled=False)
+                   for _ in asks]
+        jobs = {colour: client.submit(gradio_client.handle_file(tiny["images"][colour]), request,
+                                      api_name="/answer") for client, (colour, request) in zip(clients, asks.items())}
+        results = {colour: job.result(timeout=120) for colour, job in jobs.items()}
+        uploads = [name for _, _, files in os.walk(server.upload_dir) for name in files]
+        assert "red.png" in uploads and "blue.png" in uploads  # uploads land in the server's own folder
+        for colour, job in jobs.items():
+            _, answers, _ = columns(results[colour], 2)
+            assert answers == [expected[("a", colour)], expected[("b", colour)]]
+            for update in job.outputs():  # every streamed state is a prefix of this client's own answers
+                _, partial, _ = columns(update, 2)
+                assert all(answer.startswith(text) for answer, text in zip(answers, partial))
+    assert not os.path.exists(server.upload_dir)  # removed when the server stops
+    assert expected[("a", "red")] != expected[("a", "blue")]  # the two clients' answers differ
+    assert events == ["start", "end"] * 4  # four generations, never two at once
+
+
+def write_bad_inputs(folder) -> dict[str, str]:
+    """One file per kind of bad upload."""
+    files = {"text": folder / "notes.png", "truncated": folder / "cut.png", "huge": folder / "huge.png",
+             "bomb": folder / "bomb.png", "animated": folder / "moving.gif"}
+    files["text"].write_text("this is not an image\n")
+    Image.new("RGB", (64, 64), (0, 90, 200)).save(folder / "whole.png")
+    whole = (folder / "whole.png").read_bytes()
+    files["truncated"].write_bytes(whole[: len(whole) // 2])
+    Image.new("1", (6000, 5000)).save(files["huge"])  # 30 megapixels, a small file
+    Image.new("1", (15000, 15000)).save(files["bomb"])  # over PIL's own decompression-bomb limit
+    frames = [Image.new("RGB", (16, 16), colour) for colour in ((255, 0, 0), (0, 255, 0))]
+    frames[0].save(files["animated"], save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return {name: str(path) for name, path in files.items()}
+
+
+def test_each_bad_input_gets_its_message_and_the_server_keeps_answering(served, tiny, tmp_path):
+    client, count = served["client"], len(served["playground"].columns)
+    files = write_bad_inputs(tmp_path)
+    long_request = "please describe " * 2100  # over the tiny LLM's 4096 positions
+    cases = [
+        (files["text"], REQUEST, "the upload is not an image"),
+        (files["truncated"], REQUEST, "the image is truncated or damaged"),
+        (files["huge"], REQUEST, "the image is 6000x5000 pixels, 30 megapixels; the limit is 25"),
+        (files["bomb"], REQUEST, "the image is too large"),
+        (files["animated"], REQUEST, "the image is animated (2 frames)"),
+        (tiny["images"]["red"], "   ", "the request is empty"),
+        (tiny["images"]["red"], long_request, "exceeds the model's context length of 4096"),
+    ]
+    for image, request, message in cases:
+        status, answers, verdicts = columns(ask(client, image, request), count)
+        assert status.startswith("**Cannot answer:** ") and message in status, (image, status)
+        assert answers == [""] * count and verdicts == [""] * count
+    status, answers, _ = columns(ask(client, tiny["images"]["red"], REQUEST), count)
+    assert status == "Answered in all 4 columns." and all(answers)
+
+
+def test_a_server_path_cannot_be_passed_for_the_image(served):
+    """Only uploads reach the playground: a request naming a file on the server (sent raw, as a page could) fails."""
+    import httpx
+
+    base = served["url"].rstrip("/") + "/gradio_api/call/answer"
+    named = {"path": os.path.abspath(__file__), "meta": {"_type": "gradio.FileData"}}
+    event = httpx.post(base, json={"data": [named, REQUEST]}, timeout=30).json()["event_id"]
+    stream = httpx.get(f"{base}/{event}", timeout=60).text
+    assert stream.startswith("event: error") and "Answered" not in stream
+
+
+def test_a_text_only_request_is_answered_without_an_image(served, tiny, capsys):
+    status, answers, _ = columns(ask(served["client"], None, "Say hello."), 4)
+    assert status == "Answered in all 4 columns."
+    capsys.readouterr()
+    assert main(["chat", "--model", tiny["models"]["a"], "--max_new_tokens", str(NEW_TOKENS), "Say hello."]) == 0
+    assert answers[0] == capsys.readouterr().out.strip()
+
+
+def test_serve_defaults_to_the_loopback_interface(served):
+    assert serve_args("--model", "a=x").host == "127.0.0.1"
+    assert served["url"].startswith("http://127.0.0.1:")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "a"], "is not NAME=DIR"),
+    (["--model", "a=x", "--model", "a=y"], "the name `a` is given twice"),
+    (["--model", "a=x", "--ecso_mode", "always"], "--ecso_mode applies to --defense ecso"),
+    (["--model", "a=x", "--model", "b=y", "--defense", "cmrm", "--cmrm_file", "c.safetensors"], "names no model"),
+    (["--model", "a=x", "--model", "b=y", "--defense", "cmrm", "--cmrm_file", "a=c.safetensors"],
+     "gives none for b"),
+    (["--model", "a=x", "--judge", "llm"], "--judge llm needs --judge_model"),
+])
+def test_flag_mistakes_are_named_before_any_model_loads(argv, message):
+    from tga.serve.loading import build_playground
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        build_playground(serve_args(*argv), log=lambda *_: None)
+
+
+def test_a_missing_model_folder_is_named(tmp_path):
+    from tga.serve.loading import build_playground
+
+    with pytest.raises(ConfigError, match="--model a"):
+        build_playground(serve_args("--model", f"a={tmp_path / 'nothing'}"), log=lambda *_: None)
+
+
+def test_the_examples_of_a_demo_run_are_its_toxic_and_benign_scenes(tmp_path):
+    from tga.demo.assets import build_assets
+    from tga.serve.examples import load_examples
+
+    build_assets(str(tmp_path / "run" / "assets"), size="tiny", seed=0)
+    examples = load_examples(str(tmp_path / "run"))
+    toxic = [e for e in examples if e.label.startswith("toxic: ")]
+    benign = [e for e in examples if e.label.startswith("benign: ")]
+    assert sorted(e.label for e in toxic) == ["toxic: cigarette", "toxic: gun", "toxic: knife", "toxic: skull"]
+    assert all(f"/toxic_test/{e.label[7:]}/" in e.image and e.request == "Describe the image." for e in toxic)
+    assert len(benign) == 4 and len({e.request for e in benign}) > 1
+    assert all(os.path.isfile(e.image) and Image.open(e.image).size == (48, 48) for e in examples)
+    with pytest.raises(ConfigError, match="holds no images"):
+        load_examples(str(tmp_path))
+
+
+def test_tga_help_does_not_import_gradio():
+    code = "import sys; from tga.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n" \
+           "print('gradio' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip().splitlines()[-1] == "False", result.stderr[-2000:]
