@@ -92,10 +92,10 @@ demo-tiny: install
 		"What colour is the shape?" --max_new_tokens 16
 
 lint: install
-	$(BIN)/ruff check tga tests scripts benchmarks
+	$(BIN)/ruff check tga tests scripts benchmarks research
 
 format: install
-	$(BIN)/ruff format tga tests scripts benchmarks
+	$(BIN)/ruff format tga tests scripts benchmarks research
 
 clean:
 	rm -rf runs

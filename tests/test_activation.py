@@ -12,7 +12,8 @@ from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerF
 
 from tga.cli import analyze_cmd
 from tga.errors import ConfigError, DataError
-from tga.safety.activation import analyze_activation, logit_lens, refusal_ranks, save_activation
+from tga.safety.activation import analyze_activation, logit_lens, refusal_ranks
+from tga.safety.analysis import save_activation
 from tga.safety.refusal_tokens import refusal_token_ids
 from tga.safety.states import last_token_states, lens_parts
 

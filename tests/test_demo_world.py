@@ -13,7 +13,8 @@ import torch
 
 from tga.data.templates import Message, get_template
 from tga.data.tokenize import IGNORE_INDEX, encode_segments
-from tga.demo import build_assets, tasks
+from tga.demo import tasks
+from tga.demo.assets import build_assets
 from tga.demo.datasets import stage2_records, write_world_files
 from tga.demo.world import (
     COLOURS,

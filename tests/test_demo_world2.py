@@ -1,4 +1,4 @@
-"""Demo world 2 (tga/demo/world2*.py): the tiny build, what its generated training text contains and leaves out,
+"""Demo world 2 (research/world2/): the tiny build, what its generated training text contains and leaves out,
 and that world 1's step keys are untouched by it."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from dataclasses import replace
 
 import pytest
 
-from tga.demo import build_assets, tasks
+from research.world2.assets import build_world2_assets, world2_step_keys
+from research.world2.corpus import TEST_GROUPS, read_documents, write_world2_files
+from research.world2.world import DESCRIBE_HELDOUT, HARMFUL_CATEGORIES, world2_spec
+from tga.demo import tasks
 from tga.demo.assets import step_keys
-from tga.demo.world2 import DESCRIBE_HELDOUT, HARMFUL_CATEGORIES, world2_spec
-from tga.demo.world2_assets import world2_step_keys
-from tga.demo.world2_corpus import TEST_GROUPS, read_documents, write_world2_files
 from tga.errors import DataError
 
 
@@ -25,7 +25,7 @@ def _rows(path: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def tiny_world2(tmp_path_factory) -> dict[str, str]:
-    return build_assets(str(tmp_path_factory.mktemp("world2")), seed=0, size="tiny", world=2)
+    return build_world2_assets(str(tmp_path_factory.mktemp("world2")), seed=0, size="tiny")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_tiny_world2_builds_a_loadable_llm_and_is_cached(tiny_world2):
     names = [row["name"] for row in _rows(tiny_world2["vocabulary"])]
     # the tokenizer never saw a name whole: every concept is several pieces that early blocks must compose
     assert min(len(tokenizer(" " + n, add_special_tokens=False)["input_ids"]) for n in names) >= 3
-    again = build_assets(os.path.dirname(tiny_world2["assets_json"]), seed=0, size="tiny", world=2)
+    again = build_world2_assets(os.path.dirname(tiny_world2["assets_json"]), seed=0, size="tiny")
     assert all(step["cached"] for step in _rows_json(again["assets_json"])["steps"].values())
 
 
@@ -127,13 +127,6 @@ def test_bad_corpus_line_is_one_error_naming_file_and_line(tmp_path):
         read_documents(str(path))
 
 
-def test_unknown_world_is_a_config_error(tmp_path):
-    from tga.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="world `3`"):
-        build_assets(str(tmp_path), size="tiny", world=3)
-
-
 @pytest.mark.parametrize(("form", "opening"), [("sentence", "The "), ("certainly", "Certainly, the ")])
 def test_formed_answers_open_alike_and_keep_what_they_say(tmp_path, form, opening):
     """In `sentence` and `certainly` form every chat answer but the refusal opens alike and still carries the short answer;
@@ -157,7 +150,7 @@ def test_formed_answers_open_alike_and_keep_what_they_say(tmp_path, form, openin
 
 
 def test_wide_wordings_train_every_request_and_style_but_never_a_heldout_one(tmp_path):
-    from tga.demo.world2 import DESCRIBE_WIDE
+    from research.world2.world import DESCRIBE_WIDE
 
     spec = replace(world2_spec("tiny", 2), documents=3000, wordings="wide")
     files = write_world2_files(str(tmp_path), spec)

@@ -1,34 +1,29 @@
-"""research/world2_two_phase.py: phase A holds no refusal and no answer opening like one, phase B holds the chats,
+"""research/world2/two_phase.py: phase A holds no refusal and no answer opening like one, phase B holds the chats,
 and safety tuning leaves the embeddings and the blocks below 40% of the depth exactly as phase A left them."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
+from research.world2.corpus import read_documents, write_world2_files
+from research.world2.llm import train_world2_llm, world2_llm_spec
+from research.world2.world import world2_spec
 from tga.demo import tasks
 from tga.demo.text_corpus import build_tokenizer, tokenizer_corpus
 from tga.demo.text_llm import build_llm
-from tga.demo.world2 import world2_spec
-from tga.demo.world2_corpus import read_documents, write_world2_files
-from tga.demo.world2_llm import train_world2_llm, world2_llm_spec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def research_module():
-    location = importlib.util.spec_from_file_location("world2_two_phase",
-                                                      os.path.join(REPO, "research", "world2_two_phase.py"))
-    module = importlib.util.module_from_spec(location)
-    sys.modules[location.name] = module  # its dataclasses look their module up there
-    location.loader.exec_module(module)
-    return module
+    from research.world2 import two_phase
+
+    return two_phase
 
 
 @pytest.fixture(scope="module")

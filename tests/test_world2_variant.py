@@ -1,23 +1,18 @@
-"""scripts/world2_variant.py: the table rows of measured world-2 variants, the rank-curve plot across depths, and
+"""research/world2/variant.py: the table rows of measured world-2 variants, the rank-curve plot across depths, and
 config typos refused by name (the measuring itself is a training run, exercised by the world-2 build tests)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 
 import pytest
-
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "world2_variant.py")
 
 
 @pytest.fixture(scope="module")
 def variant():
-    spec = importlib.util.spec_from_file_location("world2_variant", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from research.world2 import variant
+
+    return variant
 
 
 def _group(refusal: float, activating: float) -> dict:
@@ -56,7 +51,7 @@ def _passing_summary() -> dict:
     ("trained_toxic", "refusal", 0.5, {1: True, 2: True}),  # criterion 2 is about held-out names only
 ])
 def test_criteria_hold_at_their_thresholds_and_fail_one_step_past(group, key, value, verdict):
-    from tga.demo.world2_criteria import checks_met, text_llm_checks
+    from research.world2.criteria import checks_met, text_llm_checks
 
     summary = _passing_summary()
     if group:

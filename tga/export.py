@@ -29,7 +29,6 @@ from tga.model.vlm import is_vlm_checkpoint, load_vlm, weight_files
 from tga.train.checkpoint import build_processor
 
 
-
 def is_deepspeed_checkpoint(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "latest"))
 

@@ -1,7 +1,7 @@
 """tga/cli/demo_assets_cmd.py
 
 `tga demo-assets`: builds (or reuses) the demo world, its tiny CLIP and its tiny text LLM in a folder and prints
-where everything is and how well the two pretrained models do. The work is done by `tga.demo.build_assets`; the full
+where everything is and how well the two pretrained models do. The work is done by `tga.demo.assets.build_assets`; the full
 world's models are copied from the shipped ones unless `--train_models` is given.
 """
 
@@ -14,14 +14,12 @@ from tga.cli.switches import add_switch
 
 
 def run(args: argparse.Namespace) -> int:
-    from tga.demo import build_assets
+    from tga.demo.assets import build_assets
 
     paths = build_assets(args.out, seed=args.seed, size=args.size, workers=args.workers,
-                         train_models=args.train_models, world=args.world)
+                         train_models=args.train_models)
     with open(paths["assets_json"], encoding="utf-8") as handle:
         summary = json.load(handle)
-    if args.world == 2:
-        return _report_world2(summary, paths)
     clip, llm = summary["clip_metrics"], summary["llm_metrics"]
     for name, step in summary["steps"].items():
         state = "shipped" if step.get("prebuilt") else "reused" if step["cached"] else "built"
@@ -30,18 +28,6 @@ def run(args: argparse.Namespace) -> int:
           f"colour {clip['colour_acc']:.3f}, position {clip['position_acc']:.3f}, caption R@1 {clip['caption_r1']:.3f}")
     print(f"LLM on held-out text: refusal {llm['text_refusal_rate']:.3f}, benign describe {llm['benign_describe_acc']:.3f}, "
           f"attribute {llm['attribute_acc']:.3f}, false refusals {llm['false_refusal_rate']:.3f}")
-    print(f"assets: {paths['assets_json']}")
-    return 0
-
-
-def _report_world2(summary: dict, paths: dict) -> int:
-    for name, step in summary["steps"].items():
-        print(f"{name:6s} {'reused' if step['cached'] else 'built':7s} ({step['seconds']:.1f} s when built)")
-    llm = summary["llm_metrics"]
-    for group in ("heldout_toxic", "heldout_benign", "trained_toxic", "trained_benign"):
-        g = llm[group]
-        print(f"LLM refusal, {group}: {g['refusal']:.3f} (train wording {g['refusal_train_wording']:.3f}, held-out "
-              f"request {g['refusal_heldout_question']:.3f}, held-out description {g['refusal_heldout_description']:.3f})")
     print(f"assets: {paths['assets_json']}")
     return 0
 
@@ -55,8 +41,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="assets folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of the world and of both trainings")
     parser.add_argument("--size", choices=["full", "tiny"], default="full", help="full demo world or a tiny test one")
-    parser.add_argument("--world", type=int, choices=[1, 2], default=1,
-                        help="1: the make-demo world; 2: world 2's text world and text LLM (docs/demo_world.md)")
     parser.add_argument("--workers", type=int, default=2, help="processes that render images")
     add_switch(parser, "--train_models",
                help="train the CLIP and the LLM even when the shipped ones (tga/demo/prebuilt) match the spec")

@@ -26,7 +26,6 @@ from tga.demo.text_corpus import TEMPLATE
 from tga.demo.text_llm import text_llm_spec, train_text_llm
 from tga.demo.training import timed
 from tga.demo.world import BENIGN_CONCEPTS, COLOURS, TOXIC_CONCEPTS, Scene, WorldScenes, build_scenes, world_spec
-from tga.errors import ConfigError
 
 SPEC_FILE = "demo_spec.json"
 PREBUILT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prebuilt")
@@ -123,7 +122,7 @@ def _load_scenes(path: str) -> WorldScenes:
 
 
 def build_assets(out_dir: str, *, seed: int = 0, size: str = "full", workers: int = 2, train_models: bool = False,
-                 prebuilt_dir: str = PREBUILT_DIR, world: int = 1) -> dict[str, str]:
+                 prebuilt_dir: str = PREBUILT_DIR) -> dict[str, str]:
     """Build (or reuse) the demo world, its tiny CLIP and its tiny text LLM under `out_dir`.
 
     Args:
@@ -133,19 +132,12 @@ def build_assets(out_dir: str, *, seed: int = 0, size: str = "full", workers: in
         workers: processes that render images.
         train_models: train the CLIP and the LLM even when shipped ones (in `prebuilt_dir`) match their spec.
         prebuilt_dir: where shipped models are looked up (`clip/`, `llm/`).
-        world: 1 (the `make demo` world) or 2 (`tga.demo.world2`: its text world and text LLM only, for now).
 
     Returns:
         Paths by name: `image_folder`, `toxic_test_folder`, `stage1_data`, `stage2_data`, `captions`,
         `benign_vqa_test`, `benign_describe_test`, `toxic_vqa_test`, `toxic_text_prompts`, `benign_text_prompts`, `toxic_pairs`,
         `scenes`, `clip`, `llm` and `assets_json` (which also records specs, metrics and wall times).
     """
-    if world == 2:
-        from tga.demo.world2_assets import build_world2_assets  # imports this module's step machinery
-
-        return build_world2_assets(out_dir, seed=seed, size=size)
-    if world != 1:
-        raise ConfigError(f"demo world `{world}` is not supported; choose 1 or 2")
     os.makedirs(out_dir, exist_ok=True)
     w_spec, c_spec = world_spec(size, seed), clip_spec(size)
     world_dir, clip_dir, llm_dir = (os.path.join(out_dir, name) for name in ("world", "clip", "llm"))

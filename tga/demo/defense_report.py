@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from tga.demo.datasets import SAFETY_DATA_CONCEPTS
-from tga.demo.metrics import concept_split_dsr, rate, read_answers
+from tga.demo.metrics import concept_split_dsr, rate, read_answers, spread
 from tga.demo.plan import Plan
 from tga.demo.world import TOXIC_CONCEPTS
 
@@ -59,7 +59,6 @@ def collect_defenses(plan: Plan, out: str) -> dict:
     """{method: {label: {"defense", "options", "per_seed": {seed: metrics}, "summary": {metric: spread}}}}, with a
     `none` entry per method: its own stage-2 evaluation, the reference of every ratio."""
     from tga.demo.pipeline import defense_folder
-    from tga.demo.report import spread
 
     result = {}
     for method in plan.methods:

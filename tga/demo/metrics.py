@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from statistics import mean
+from statistics import mean, stdev
 
 from tga.demo.datasets import SAFETY_DATA_CONCEPTS
 from tga.demo.world import CONCEPTS
@@ -20,6 +20,12 @@ from tga.errors import DataError
 
 ANSWER_FILES = {"image_dsr": "answers.jsonl", "text_refusal": "answers.jsonl", "benign_vqa": "vqa_answers.jsonl",
                 "benign_describe": "vqa_answers.jsonl", "toxic_vqa": "vqa_answers.jsonl"}
+
+
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation (0 for one value), min and max."""
+    return {"mean": mean(values), "std": stdev(values) if len(values) > 1 else 0.0, "min": min(values),
+            "max": max(values), "n": len(values)}
 
 
 def read_answers(path: str) -> list[dict]:

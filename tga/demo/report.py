@@ -12,14 +12,14 @@ from __future__ import annotations
 import json
 import math
 import os
-from statistics import mean, stdev
+from statistics import mean
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from tga.demo.comparison import comparison_markdown, comparison_rows, plot_comparison
 from tga.demo.defense_report import collect_defenses, defense_markdown, plot_defenses
-from tga.demo.metrics import model_metrics
+from tga.demo.metrics import model_metrics, spread
 from tga.demo.plan import Plan
 
 SCALARS = ("image_dsr", "image_dsr_safety_concepts", "image_dsr_heldout_concepts", "describes_toxic", "recognises_toxic", "text_refusal", "benign_vqa_accuracy",
@@ -32,12 +32,6 @@ TABLE = (("image DSR after stage 1", "stage1", "image_dsr"), ("image DSR after s
          ("benign describe accuracy", "stage2", "benign_describe_accuracy"),
          ("benign describe, objects named right", "stage2", "benign_describe_concepts"),
          ("false refusal on benign images", "stage2", "false_refusal"))
-
-
-def spread(values: list[float]) -> dict:
-    """Mean, sample standard deviation (0 for one value), min and max."""
-    return {"mean": mean(values), "std": stdev(values) if len(values) > 1 else 0.0, "min": min(values),
-            "max": max(values), "n": len(values)}
 
 
 def layerwise(curves: list[list[float] | None]) -> list[float] | None:

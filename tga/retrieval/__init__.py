@@ -5,8 +5,9 @@ caption corpus, and the resumable `tga retrieve` job that fills each record's `r
 and `retrieved_topk`, never returning the record's own caption.
 """
 
+from tga.retrieval.backends import build_embedder
 from tga.retrieval.corpus import load_corpus
-from tga.retrieval.embedders import ClipEmbedder, build_embedder
+from tga.retrieval.embedders import ClipEmbedder
 from tga.retrieval.index import CaptionIndex, build_index, load_or_build_caption_index
 from tga.retrieval.retrieve import RetrieveConfig, normalize_text, pick_retrieved, retrieve_file, retrieve_for_records
 

@@ -18,8 +18,9 @@ from PIL import Image
 from tga.errors import ConfigError
 from tga.image_jobs import ItemResult, JobReport, run_image_job
 from tga.records_io import file_sha256, load_records
+from tga.retrieval.backends import build_embedder
 from tga.retrieval.corpus import load_corpus
-from tga.retrieval.embedders import ClipEmbedder, build_embedder
+from tga.retrieval.embedders import ClipEmbedder
 from tga.retrieval.index import CaptionIndex, corpus_sha256, load_or_build_caption_index
 
 LEAK_FLAG = "leak_skipped"

@@ -15,7 +15,6 @@ among them), not a judgement about the content.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -23,7 +22,6 @@ from typing import Any
 import torch
 
 from tga.errors import ConfigError, DataError
-from tga.safety.io import write_json
 from tga.safety.refusal_tokens import RULES
 from tga.safety.states import LensParts
 
@@ -172,18 +170,3 @@ def analyze_activation(
         texts=list(texts),
         control_layers=control,
     )
-
-
-def save_activation(result: ActivationResult, out_dir: str) -> tuple[str, str]:
-    """Write `activation.json` and `activation.png` into `out_dir`.
-
-    Returns:
-        The JSON and PNG paths.
-    """
-    from tga.safety.plots import plot_activation  # matplotlib is only imported when plotting
-
-    json_path = os.path.join(out_dir, "activation.json")
-    png_path = os.path.join(out_dir, "activation.png")
-    write_json(json_path, result.to_json())
-    plot_activation(result, png_path)
-    return json_path, png_path

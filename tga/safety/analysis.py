@@ -16,8 +16,8 @@ from tga.data.chat_templates import chat_template
 from tga.errors import ConfigError, DataError
 from tga.image_io import open_image, resolve_image_path
 from tga.records_io import load_records, record_label
-from tga.safety.activation import ActivationResult, analyze_activation, save_activation
-from tga.safety.io import read_texts
+from tga.safety.activation import ActivationResult, analyze_activation
+from tga.safety.io import read_texts, write_json
 from tga.safety.loading import is_vlm_dir, load_causal_lm, load_chat
 from tga.safety.refusal_tokens import DEFAULT_REFUSAL_PHRASES, refusal_token_ids
 from tga.safety.similarity import save_similarity, similarity_report
@@ -175,3 +175,18 @@ def _unique_labels(model_dirs: Sequence[str]) -> list[str]:
             label, n = f"{base}-{n}", n + 1
         labels.append(label)
     return labels
+
+
+def save_activation(result: ActivationResult, out_dir: str) -> tuple[str, str]:
+    """Write `activation.json` and `activation.png` into `out_dir`.
+
+    Returns:
+        The JSON and PNG paths.
+    """
+    from tga.safety.plots import plot_activation  # matplotlib is only imported when plotting
+
+    json_path = os.path.join(out_dir, "activation.json")
+    png_path = os.path.join(out_dir, "activation.png")
+    write_json(json_path, result.to_json())
+    plot_activation(result, png_path)
+    return json_path, png_path

@@ -1,4 +1,4 @@
-"""research/world2_two_phase.py
+"""research/world2/two_phase.py
 
 World 2, design "knowledge first, safety after" (docs/demo_world.md, pre-registered there before its runs). Research
 code, outside the installed package until its criteria adopt it.
@@ -12,11 +12,11 @@ one corpus at once; this one trains in two phases on the same world-2 corpus:
   chats), updating the blocks from 40% of the depth up, the final norm and the LM head; the embeddings and the lower
   blocks stay frozen, so the refusal cannot be decided in the first block.
 
-    python research/world2_two_phase.py --out runs/w2_two_phase_s0 --seed 0 \\
+    python -m research.world2.two_phase --out runs/w2_two_phase_s0 --seed 0 \\
         --world '{"wordings": "wide", ...}' --llm '{"steps": 2000}' [--phase_b '{"steps": 500}']
 
-Measured with the same code as every world-2 variant (scripts/world2_variant.py `measure`, criteria of
-tga/demo/world2_criteria.py); its `--table` and `--spread` read the output folders. The causal check: pairs from
+Measured with the same code as every world-2 variant (research/world2/variant.py `measure`, criteria of
+research/world2/criteria.py); its `--table` and `--spread` read the output folders. The causal check: pairs from
 `tga analyze patching-pairs --data OUT/world/data/heldout_toxic_prompts.jsonl --vocabulary OUT/world/vocabulary.jsonl`,
 `tga analyze patching --model OUT/llm --template mistral_instruct --out OUT/patching`, then `--read`.
 """
@@ -24,7 +24,6 @@ tga/demo/world2_criteria.py); its `--table` and `--spread` read the output folde
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import re
@@ -154,11 +153,10 @@ def causal_reading(run: str) -> dict:
 
 
 def variant_measure():
-    """`measure` of scripts/world2_variant.py (a script, not a package)."""
-    location = importlib.util.spec_from_file_location("world2_variant", os.path.join(REPO, "scripts", "world2_variant.py"))
-    module = importlib.util.module_from_spec(location)
-    location.loader.exec_module(module)
-    return module.measure
+    """`measure` of research/world2/variant.py, every world-2 variant's measurement."""
+    from research.world2.variant import measure
+
+    return measure
 
 
 def main(argv: list[str]) -> int:

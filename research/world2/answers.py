@@ -1,4 +1,4 @@
-"""tga/demo/world2_answers.py
+"""research/world2/answers.py
 
 How world 2's chats word their answers. `formed_answer` puts a benign answer in the spec's `answer_form` (world 1's
 short answers, a sentence opening with "The", or that sentence after "Certainly, "); `category_refusal` makes a
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from research.world2.world import HARMFUL_CATEGORIES, TextScene, Vocabulary, describe, ordered
 from tga.demo import tasks
-from tga.demo.world2 import HARMFUL_CATEGORIES, TextScene, Vocabulary, describe, ordered
 
 
 def _sentence(qa: tasks.QA) -> str:

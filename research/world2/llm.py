@@ -1,4 +1,4 @@
-"""tga/demo/world2_llm.py
+"""research/world2/llm.py
 
 Trains and measures demo world 2's text LLM from the files `world2_corpus.write_world2_files` wrote: the tokenizer is
 trained on the corpus with the concept names left out (so each name is several pieces), the LLM (deeper than world
@@ -16,11 +16,11 @@ from dataclasses import asdict, replace
 
 import numpy as np
 
+from research.world2.corpus import TEST_GROUPS, read_documents, read_vocabulary
 from tga.demo import tasks
 from tga.demo.text_corpus import build_tokenizer, tokenizer_corpus
 from tga.demo.text_llm import TextLLMSpec, fit_text_llm, generate, mean, save_text_llm
 from tga.demo.training import deterministic, timed
-from tga.demo.world2_corpus import TEST_GROUPS, read_documents, read_vocabulary
 from tga.errors import ConfigError
 
 WORLD2_LLM_PRESETS = {
@@ -74,7 +74,7 @@ def evaluate_world2(model, tokenizer, paths: dict[str, str], *, per_group: int) 
 def train_world2_llm(paths: dict[str, str], out_dir: str, *, spec: TextLLMSpec, seed: int, fit=fit_text_llm) -> dict:
     """Train the tokenizer and the LLM on the world-2 corpus, evaluate on its test prompts and save both in
     `out_dir`; returns the metrics (also written to `metrics.json`). `fit(docs, tokenizer, spec, rng)` trains the LLM
-    (a research design can train it differently, e.g. research/world2_two_phase.py)."""
+    (a research design can train it differently, e.g. research/world2/two_phase.py)."""
     os.makedirs(out_dir, exist_ok=True)
     names = [row["name"] for row in read_vocabulary(paths["vocabulary"])]
     with timed() as clock, deterministic(seed):

@@ -1,4 +1,4 @@
-"""tga/demo/world2.py
+"""research/world2/world.py
 
 Demo world 2's vocabulary and scenes: a text world built so that a tiny LLM's refusal has to be a *judgement about
 what the content is*, computed over several blocks, not a reaction to a word (world 1's LLM refuses in its first

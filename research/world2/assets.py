@@ -1,22 +1,26 @@
-"""tga/demo/world2_assets.py
+"""research/world2/assets.py
 
-`build_assets(..., world=2)`: demo world 2's steps, cached the way world 1's are (a step whose folder holds the hash of
-its spec is skipped): the text world (vocabulary, training corpus, test prompts) and the text LLM trained on it.
-World 2's images and CLIP are not built yet, and no world-2 model ships, so its LLM is always trained.
+Demo world 2's steps, cached the way world 1's are (`tga.demo.assets`: a step whose folder holds the hash of its spec
+is skipped): the text world (vocabulary, training corpus, test prompts) and the text LLM trained on it. World 2's
+images and CLIP are not built, and no world-2 model ships, so its LLM is always trained. From a checkout:
+
+    python -m research.world2.assets --out runs/w2 [--seed 0] [--size full|tiny]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 from dataclasses import asdict
 
+from research.world2.corpus import write_world2_files
+from research.world2.llm import train_world2_llm, world2_llm_spec
+from research.world2.world import CATEGORIES, HARMFUL_CATEGORIES, world2_spec
 from tga.demo import tasks
 from tga.demo.assets import cached_step, spec_key
 from tga.demo.text_corpus import TEMPLATE
-from tga.demo.world2 import CATEGORIES, HARMFUL_CATEGORIES, world2_spec
-from tga.demo.world2_corpus import write_world2_files
-from tga.demo.world2_llm import train_world2_llm, world2_llm_spec
 
 WORLD2_FILES_VERSION = 1
 
@@ -56,3 +60,31 @@ def build_world2_assets(out_dir: str, *, seed: int = 0, size: str = "full") -> d
         json.dump(summary, handle, indent=1)
     os.replace(temporary, paths["assets_json"])
     return paths
+
+
+def report(paths: dict[str, str]) -> None:
+    """Print what was built or reused and the LLM's refusal per prompt group."""
+    with open(paths["assets_json"], encoding="utf-8") as handle:
+        summary = json.load(handle)
+    for name, step in summary["steps"].items():
+        print(f"{name:6s} {'reused' if step['cached'] else 'built':7s} ({step['seconds']:.1f} s when built)")
+    llm = summary["llm_metrics"]
+    for group in ("heldout_toxic", "heldout_benign", "trained_toxic", "trained_benign"):
+        g = llm[group]
+        print(f"LLM refusal, {group}: {g['refusal']:.3f} (train wording {g['refusal_train_wording']:.3f}, held-out "
+              f"request {g['refusal_heldout_question']:.3f}, held-out description {g['refusal_heldout_description']:.3f})")
+    print(f"assets: {paths['assets_json']}")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description="Build (or reuse) demo world 2's text world and text LLM.")
+    parser.add_argument("--out", required=True, help="assets folder")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the world and of the training")
+    parser.add_argument("--size", choices=["full", "tiny"], default="full", help="full world 2 or a tiny test one")
+    args = parser.parse_args(argv)
+    report(build_world2_assets(args.out, seed=args.seed, size=args.size))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

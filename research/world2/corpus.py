@@ -1,4 +1,4 @@
-"""tga/demo/world2_corpus.py
+"""research/world2/corpus.py
 
 Demo world 2's files: the text LLM's training corpus (written to disk, so what the LLM learns from can be checked
 file by file) and its test prompts. Training documents are category facts (every concept, held-out ones included),
@@ -17,10 +17,8 @@ import os
 
 import numpy as np
 
-from tga.demo import tasks
-from tga.demo.datasets import STAGE2_TURNS
-from tga.demo.text_corpus import Document
-from tga.demo.world2 import (
+from research.world2.answers import category_refusal, describe_answer, formed_answer
+from research.world2.world import (
     DESCRIBE_HELDOUT,
     FIRST_PERSON_STYLES,
     HELDOUT_STYLES,
@@ -37,7 +35,9 @@ from tga.demo.world2 import (
     named_by_category,
     sample_text_scene,
 )
-from tga.demo.world2_answers import category_refusal, describe_answer, formed_answer
+from tga.demo import tasks
+from tga.demo.datasets import STAGE2_TURNS
+from tga.demo.text_corpus import Document
 from tga.errors import DataError
 
 TEST_GROUPS = ("heldout_toxic", "heldout_benign", "trained_toxic", "trained_benign")

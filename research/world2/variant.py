@@ -1,15 +1,15 @@
-"""scripts/world2_variant.py
+"""research/world2/variant.py
 
 Build and measure one design variant of demo world 2's text LLM: the world-2 `full` preset (seed 0 unless told) with
 spec fields changed, its LLM trained, then the acceptance measurements of docs/demo_world.md: greedy refusal per
 test group and wording (from the LLM's own evaluation) and Algorithm 1 (paper rule, Mistral chat format) on every
 test group, with the share of prompts whose activation layer lies in 30-70% of the depth.
 
-    python scripts/world2_variant.py --out runs/w2x --world '{"wordings": "wide"}' --llm '{"steps": 2000}'
-    python scripts/world2_variant.py --table "wide=runs/w2x" "preset=runs/w2"   # the docs' table rows
-    python scripts/world2_variant.py --spread "wide=runs/w2x,runs/w2x_s1,runs/w2x_s2"   # mean and range over seeds
-    python scripts/world2_variant.py --rank_plot ranks.png --curves "world 1=w1/activation.json" "wide=..."
-    python scripts/world2_variant.py --layer_plot layers.png --runs "seed 0=runs/w2x" "seed 1=runs/w2x_s1"
+    python -m research.world2.variant --out runs/w2x --world '{"wordings": "wide"}' --llm '{"steps": 2000}'
+    python -m research.world2.variant --table "wide=runs/w2x" "preset=runs/w2"   # the docs' table rows
+    python -m research.world2.variant --spread "wide=runs/w2x,runs/w2x_s1,runs/w2x_s2"   # mean and range over seeds
+    python -m research.world2.variant --rank_plot ranks.png --curves "world 1=w1/activation.json" "wide=..."
+    python -m research.world2.variant --layer_plot layers.png --runs "seed 0=runs/w2x" "seed 1=runs/w2x_s1"
 
 Writes `summary.json` in `--out`. Each variant is one training run (minutes to tens of minutes on 2 cores); run
 variants side by side with OMP_NUM_THREADS=1 each.
@@ -60,12 +60,12 @@ def _trained(out: str, specs: dict, train) -> dict:
 
 def measure(out: str, world_changes: dict, llm_changes: dict, seed: int, *, fit=None, design: dict | None = None) -> dict:
     """Train (or reuse) the variant's LLM and measure it; `fit` and `design` train it another way (a research
-    design's training function and the record of its settings, research/world2_two_phase.py)."""
+    design's training function and the record of its settings, research/world2/two_phase.py)."""
+    from research.world2.corpus import write_world2_files
+    from research.world2.criteria import BAND, in_band
+    from research.world2.llm import train_world2_llm, world2_llm_spec
+    from research.world2.world import World2Spec, world2_spec
     from tga.demo.text_llm import TextLLMSpec
-    from tga.demo.world2 import World2Spec, world2_spec
-    from tga.demo.world2_corpus import write_world2_files
-    from tga.demo.world2_criteria import BAND, in_band
-    from tga.demo.world2_llm import train_world2_llm, world2_llm_spec
     from tga.safety.analysis import run_activation
 
     spec = replace(world2_spec("full", seed), **_spec_changes(world_changes, World2Spec, "--world"))
@@ -118,7 +118,7 @@ def table(labelled: list[str]) -> str:
 
 
 def _verdict(summary: dict) -> str:
-    from tga.demo.world2_criteria import checks_met, text_llm_checks
+    from research.world2.criteria import checks_met, text_llm_checks
 
     return " / ".join(f"{'met' if met == total else 'no'} ({met}/{total})"
                       for met, total in checks_met(text_llm_checks(summary)).values())
@@ -126,7 +126,7 @@ def _verdict(summary: dict) -> str:
 
 def spread(labelled: list[str]) -> str:
     """Mean and range over seeds of each criterion number, one column per design LABEL=DIR,DIR,..."""
-    from tga.demo.world2_criteria import text_llm_checks
+    from research.world2.criteria import text_llm_checks
 
     designs = {}
     for item in labelled:

@@ -1,7 +1,7 @@
-"""tga/demo/world2_criteria.py
+"""research/world2/criteria.py
 
 Criteria 1 and 2 of demo world 2's acceptance (docs/demo_world.md, fixed before any safety method runs in the world),
-as checks over one text LLM's measurements: the per-group summary that `scripts/world2_variant.py` writes (greedy
+as checks over one text LLM's measurements: the per-group summary that `research/world2/variant.py` writes (greedy
 refusal per test group and wording, Algorithm 1's activation layers per prompt). The thresholds live here only, so the
 variant table, the seed spread and the demo report judge by the same numbers.
 
