@@ -73,12 +73,16 @@ def build_app(playground: Playground, examples: list[Example] | None = None) -> 
                 submit = gr.Button("Answer", variant="primary", elem_id="submit")
                 status = gr.Markdown(elem_id="status")
         answers, verdicts = [], []
-        with gr.Row(equal_height=False):
-            for index, column in enumerate(playground.columns):
-                with gr.Column(min_width=220, elem_classes=["tga-column"]):
-                    gr.Markdown(f"### {column.label}", elem_id=f"label-{index}")
-                    answers.append(gr.Textbox(label="answer", lines=6, interactive=False, elem_id=f"answer-{index}"))
-                    verdicts.append(gr.Markdown(elem_id=f"verdict-{index}"))
+        for model in playground.chats:  # a row per model, a column per defence: the grid of the comparison
+            with gr.Row(equal_height=False):
+                for index, column in enumerate(playground.columns):
+                    if column.model != model:
+                        continue
+                    with gr.Column(min_width=220):
+                        gr.Markdown(f"### {column.label}", elem_id=f"label-{index}")
+                        answers.append(gr.Textbox(label="answer", lines=5, interactive=False,
+                                                  elem_id=f"answer-{index}"))
+                        verdicts.append(gr.Markdown(elem_id=f"verdict-{index}"))
         if examples:
             gr.Examples([[e.image, e.request] for e in examples], inputs=[upload, request],
                         example_labels=[e.label for e in examples], label="examples", cache_examples=False)

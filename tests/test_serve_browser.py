@@ -1,0 +1,81 @@
+"""`tga serve` in a real browser: headless Chromium opens the page, uploads one of the demo world's toxic scenes,
+submits a request and reads every column's answer and verdict, which must be `tga chat`'s greedy answers and the
+keyword judge's verdicts on them; the page is photographed. Skipped, saying why, only where Chromium or selenium is
+missing (CI installs chromium and chromium-driver: .ci/run)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+from PIL import Image
+
+from tga.cli import serve_cmd
+from tga.safety.judge import KeywordJudge
+from tga.serve.browser import ask, chromium, unavailable
+from tga.tiny import make_tiny_assets
+from tga.train.distributed import free_port
+
+pytestmark = pytest.mark.skipif(unavailable() is not None, reason=f"no headless browser: {unavailable()}")
+
+NEW_TOKENS = 8
+REQUEST = "Describe the image."
+
+
+def serve_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    serve_cmd.register(parser.add_subparsers())
+    return parser.parse_args(["serve", *argv])
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    """`tga serve` on two tiny models, no defence and AdaShield, with the tiny demo world's scenes as examples."""
+    from tga.demo.assets import build_assets
+    from tga.model.tokenizer import load_tokenizer
+    from tga.model.vision import load_image_processor
+    from tga.model.vlm import build_vlm
+    from tga.serve.app import Server
+    from tga.serve.examples import load_examples
+    from tga.serve.loading import build_playground
+
+    root = tmp_path_factory.mktemp("serve_browser")
+    assets = make_tiny_assets(str(root / "assets"), seed=0, num_images=4)
+    tokenizer = load_tokenizer(assets["llm"])
+    for seed, name in ((0, "a"), (1, "b")):
+        torch.manual_seed(seed)
+        model = build_vlm(assets["llm"], assets["vision"], tokenizer, template="llava_llama_2")
+        for part in (model, tokenizer, load_image_processor(assets["vision"])):
+            part.save_pretrained(root / name)
+    build_assets(str(root / "demo" / "assets"), size="tiny", seed=0)
+    examples = load_examples(str(root / "demo"))
+    args = serve_args("--model", f"a={root / 'a'}", "--model", f"b={root / 'b'}", "--defense", "none", "adashield",
+                      "--max_new_tokens", str(NEW_TOKENS))
+    playground = build_playground(args, log=lambda *_: None)
+    with Server(playground, port=free_port(), examples=examples) as url:
+        yield {"url": url, "playground": playground, "examples": examples}
+
+
+def test_the_page_answers_in_every_column_with_its_verdict(page, tmp_path):
+    from tga.safety.chat import answer
+
+    knife = next(e for e in page["examples"] if e.label == "toxic: knife")
+    shot = tmp_path / "serve.png"
+    with chromium() as driver:
+        status, labels, answers, verdicts = ask(driver, page["url"], knife.image, REQUEST, screenshot=str(shot))
+    playground = page["playground"]
+    assert status == "Answered in all 4 columns."
+    assert labels == [column.label for column in playground.columns]
+    image = Image.open(knife.image).convert("RGB")
+    for column, shown, verdict in zip(playground.columns, answers, verdicts):
+        defense = playground.defenses[column.model][column.defense]
+        expected = (answer(playground.chats[column.model], image, REQUEST, max_new_tokens=NEW_TOKENS, stream=False)
+                    if defense is None else defense([image], [REQUEST])[0].text)
+        assert expected and shown == expected, column.label
+        word = "refused" if KeywordJudge().is_refusal(expected) else "answered"
+        assert verdict.startswith(f"judge keyword: {word} · refusal phrases: "), verdict
+        assert " generated tokens · 1 generation · " in verdict
+    with Image.open(shot) as picture:  # the whole page, not a blank or cut-off window
+        assert picture.size[0] >= 1000 and picture.size[1] >= 600
+        assert len(picture.convert("L").getcolors(1 << 16) or []) > 20
