@@ -90,7 +90,7 @@ def worker(result_file: str, argv: list[str]) -> None:
     """Inside the launcher: train, then rank 0 writes its all-gather bytes and the Trainer's runtime."""
     import deepspeed.comm as dist
 
-    from tga.train.distributed import is_main_process
+    from tga.ranks import is_main_process
     from tga.train.run import run_stage as train
 
     output_dir = train("finetune", argv)

@@ -341,7 +341,7 @@ def test_bench_ecso_always_answers_from_the_text_only_pass(checkpoint, tmp_path)
 
 
 def test_bench_command_with_a_defence_reports_its_cost_and_name(checkpoint, tmp_path, capsys):
-    from tga.defense.cost import cost_summary
+    from tga.safety.cost import cost_summary
 
     data, out = tmp_path / "data", tmp_path / "out"
     write_figstep(str(data))

@@ -14,13 +14,13 @@ from tga.cli import main
 from tga.data.tokenize import ROLE_ID
 from tga.defense.adashield import ADASHIELD_PROMPTS, AdaShield
 from tga.defense.base import ChatBackend, Cost
-from tga.defense.cost import cost_summary
 from tga.defense.dispatch import NoDefense, add_defense_args, build_defense
 from tga.errors import ConfigError
 from tga.inference import ChatModel, Usage
 from tga.model.tokenizer import load_tokenizer
 from tga.model.vision import load_image_processor
 from tga.model.vlm import build_vlm
+from tga.safety.cost import cost_summary
 from tga.tiny import make_tiny_assets
 
 NEW_TOKENS = 4

@@ -27,10 +27,10 @@ from tga.data.templates import Message
 from tga.errors import ConfigError
 from tga.export import export_hf_llava
 from tga.export_transformers4 import transformers4_key
+from tga.model.processor import build_processor
 from tga.model.tokenizer import load_tokenizer
 from tga.model.vision import load_image_processor
 from tga.model.vlm import build_vlm
-from tga.train.checkpoint import build_processor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T4_PYTHON = os.path.join(REPO, ".venv-t4", "bin", "python")

@@ -21,10 +21,10 @@ from PIL import Image
 
 from tga.export import export_hf_llava
 from tga.inference import ChatModel, load_chat_model
+from tga.model.processor import build_processor
 from tga.model.tokenizer import load_tokenizer
 from tga.model.vision import load_image_processor
 from tga.model.vlm import build_vlm
-from tga.train.checkpoint import build_processor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = [(45, 17), (17, 45), (33, 31)]  # wide, tall, odd

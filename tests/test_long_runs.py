@@ -21,8 +21,8 @@ from tga.data.collator import VLMCollator
 from tga.data.records import load_records
 from tga.errors import ConfigError
 from tga.model.vlm import build_vlm
+from tga.running_means import RunningMeans
 from tga.train.run import guide_settings
-from tga.train.running_means import RunningMeans
 from tga.train.stages import apply_stage, trainable_components
 from tga.train.trainer import GuideSettings, TGATrainer
 

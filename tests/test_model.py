@@ -8,10 +8,11 @@ from safetensors.torch import load_file
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from tga.errors import ConfigError
+from tga.model.processor import build_processor
 from tga.model.projector import MLPProjector, build_projector, projector_depth
 from tga.model.tokenizer import load_tokenizer
 from tga.model.vlm import build_vlm, load_vlm
-from tga.train.checkpoint import build_processor, load_projector, read_projector_state, save_projector
+from tga.train.checkpoint import load_projector, read_projector_state, save_projector
 from tga.train.stages import apply_stage, trainable_components
 
 

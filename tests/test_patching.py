@@ -139,10 +139,10 @@ def test_bad_pairs_are_one_named_error(planted_llm, pairs_file, tmp_path, capsys
 def test_a_vlm_reports_image_and_caption_projections_on_the_refusal_direction(tiny_assets, tmp_path):
     """Through a tga VLM folder: the LLM is patched with text prompts in the folder's template, and image prompts are
     projected beside the same scenes given as captions, one value per layer."""
+    from tga.model.processor import build_processor
     from tga.model.tokenizer import load_tokenizer
     from tga.model.vision import load_image_processor
     from tga.model.vlm import build_vlm
-    from tga.train.checkpoint import build_processor
 
     tokenizer = load_tokenizer(tiny_assets["llm"])
     model = build_vlm(tiny_assets["llm"], tiny_assets["vision"], tokenizer)

@@ -22,11 +22,11 @@ from tga.errors import ConfigError
 from tga.export_layouts import LAYOUTS
 from tga.export_transformers4 import MODEL_INPUT_NAMES, convert_to_transformers4, read_json, write_json
 from tga.model.lora import has_lora_keys, merge_lora_checkpoint_state
+from tga.model.processor import build_processor
 from tga.model.projector import DEFAULT_PROJECTOR, build_projector
 from tga.model.tokenizer import load_tokenizer
 from tga.model.vision import folder_aspect_ratio, load_image_processor, run_settings
 from tga.model.vlm import is_vlm_checkpoint, load_vlm, weight_files
-from tga.train.checkpoint import build_processor
 
 
 def is_deepspeed_checkpoint(path: str) -> bool:

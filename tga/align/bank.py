@@ -26,7 +26,7 @@ import torch
 from tga.align.pooling import pool_layers
 from tga.errors import ConfigError
 from tga.model.text_states import supports_partial_pass, text_hidden_states
-from tga.train.distributed import barrier, gathered
+from tga.ranks import barrier, gathered
 
 META_FILE, STATES_FILE = "bank.json", "states.npy"
 STORAGE = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}  # bfloat16: its bits, as uint16

@@ -43,7 +43,7 @@ from tga.align.shared_pass import SharedCaptionPass, caption_pass_mode
 from tga.align.tga_loss import guide_loss
 from tga.errors import ConfigError
 from tga.model.text_states import supports_partial_pass, text_hidden_states
-from tga.train.running_means import DeviceMeans
+from tga.running_means import DeviceMeans
 
 logger = logging.getLogger(__name__)
 GUIDE_STATE_FILE = "tga_guide_state.safetensors"

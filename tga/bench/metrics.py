@@ -8,7 +8,7 @@ The numbers of a benchmark run, computed from the saved answer records alone (so
 - on benign items (VLGuard's safe_safes, SPA-VL help, the demo's benign requests), the over-refusal rate = answers
   with a refusal keyword / benign items;
 - each broken down per benchmark, and within it per category (or scenario), per image type and per subset;
-- with an inference-time defence, its cost per request (`tga.defense.cost.cost_summary` of the costs saved with the
+- with an inference-time defence, its cost per request (`tga.safety.cost.cost_summary` of the costs saved with the
   answers; a run with `--defense none` has one too, at relative cost 1).
 """
 
@@ -18,7 +18,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from tga.defense.cost import cost_summary
+from tga.safety.cost import cost_summary
 
 
 def summarise(records: Iterable[dict[str, Any]]) -> dict[str, Any]:

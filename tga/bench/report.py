@@ -13,7 +13,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from tga.defense.cost import cost_line
+from tga.safety.cost import cost_line
 from tga.safety.io import write_json
 
 _COLUMNS = ("harmful", "unsafe", "asr", "dsr", "unparsed", "benign", "benign_refused", "over_refusal")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from PIL import Image
 
-from tga.defense.cost import total
+from tga.safety.cost import total
 
 if TYPE_CHECKING:
     from tga.inference import Usage

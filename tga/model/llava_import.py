@@ -19,10 +19,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
 
 from tga.errors import ConfigError
+from tga.model.processor import build_processor
+from tga.model.projector import llava_projector_state
 from tga.model.tokenizer import load_tokenizer
 from tga.model.vision import load_image_processor, load_vision_tower
 from tga.model.vlm import assemble_vlm
-from tga.train.checkpoint import build_processor, llava_projector_state
 
 TEXT_CONFIGS = {"llava_mistral": (MistralConfig, "mistral_instruct"), "llava_llama": (LlamaConfig, "vicuna_v1"),
                 "llava": (LlamaConfig, "vicuna_v1")}

@@ -163,8 +163,8 @@ def save_lora_model_folder(trainer, model, tokenizer, image_processor, output_di
     and LLaVA's non_lora_trainables). Every rank calls it: under ZeRO-3 the state dict is gathered collectively; the
     in-memory model keeps its unmerged adapters."""
     from tga.data.chat_templates import chat_template
-    from tga.train.checkpoint import build_processor
-    from tga.train.distributed import barrier, is_main_process
+    from tga.model.processor import build_processor
+    from tga.ranks import barrier, is_main_process
 
     state = trainer.accelerator.get_state_dict(trainer.deepspeed if trainer.is_deepspeed_enabled else trainer.model)
     if is_main_process():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 from torch import nn
 from transformers import LlavaConfig
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
@@ -66,3 +67,21 @@ def build_projector(projector_type: str, config: LlavaConfig) -> nn.Module:
     if depth == 2:
         return LlavaMultiModalProjector(config)
     return MLPProjector(in_features, out_features, depth, bias=config.multimodal_projector_bias)
+
+
+LLAVA_PROJECTOR_KEY = re.compile(r"^(?:model\.)?mm_projector\.(\d+)\.(weight|bias)$")
+
+
+def llava_projector_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """LLaVA projector tensors (`model.mm_projector.{i}.*`) renamed to ours, and the keys that are not such tensors.
+
+    LLaVA's projector is nn.Sequential(Linear, GELU, Linear, ...): Linear k sits at index 2(k-1).
+    """
+    converted, unknown = {}, []
+    for key, tensor in state.items():
+        match = LLAVA_PROJECTOR_KEY.match(key)
+        if match is None:
+            unknown.append(key)
+        else:
+            converted[f"linear_{int(match.group(1)) // 2 + 1}.{match.group(2)}"] = tensor
+    return converted, unknown

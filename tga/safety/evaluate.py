@@ -17,8 +17,8 @@ from typing import Any
 
 from PIL import Image
 
-from tga.defense.cost import cost_line, cost_summary
 from tga.image_io import open_image
+from tga.safety.cost import cost_line, cost_summary
 from tga.safety.io import write_json
 from tga.safety.judge import Judge
 from tga.safety.resume import ResultStore, run_resumable

@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tga.defense.cost import cost_line, cost_summary
 from tga.errors import DataError
 from tga.image_io import resolve_image_path
 from tga.records_io import load_records, record_label
+from tga.safety.cost import cost_line, cost_summary
 from tga.safety.evaluate import Generator, answer_and_judge, load_batch_images
 from tga.safety.io import write_json
 from tga.safety.judge import Judge

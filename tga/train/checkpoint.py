@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import os
 import pickle
-import re
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import LlavaProcessor
 
 from tga.data.chat_templates import chat_template
 from tga.errors import ConfigError
-from tga.model.vision import SELECT_STRATEGY
+from tga.model.processor import build_processor
+from tga.model.projector import llava_projector_state
 from tga.model.vlm import weight_files
-from tga.train.distributed import gathered, is_main_process
+from tga.ranks import gathered, is_main_process
 
 PROJECTOR_FILE = "mm_projector.safetensors"
-_LLAVA_KEY = re.compile(r"^(?:model\.)?mm_projector\.(\d+)\.(weight|bias)$")
 
 
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
@@ -69,21 +67,6 @@ def read_projector_state(path: str) -> dict[str, torch.Tensor]:
     return converted
 
 
-def llava_projector_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """LLaVA projector tensors (`model.mm_projector.{i}.*`) renamed to ours, and the keys that are not such tensors.
-
-    LLaVA's projector is nn.Sequential(Linear, GELU, Linear, ...): Linear k sits at index 2(k-1).
-    """
-    converted, unknown = {}, []
-    for key, tensor in state.items():
-        match = _LLAVA_KEY.match(key)
-        if match is None:
-            unknown.append(key)
-        else:
-            converted[f"linear_{int(match.group(1)) // 2 + 1}.{match.group(2)}"] = tensor
-    return converted, unknown
-
-
 def load_projector(model, path: str) -> None:
     """Load stage-1 projector weights into the model's projector (before the DeepSpeed engine is built)."""
     projector = model.model.multi_modal_projector
@@ -102,17 +85,6 @@ def load_projector(model, path: str) -> None:
                                   f"the model expects {tuple(tensor.shape)}")
             with torch.no_grad():
                 tensor.copy_(state[name].to(tensor.dtype))
-
-
-def build_processor(model, tokenizer, image_processor) -> LlavaProcessor:
-    """The HF processor that expands `<image>` like our data pipeline does (one token per patch, CLS as configured)."""
-    strategy = model.config.vision_feature_select_strategy
-    return LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=model.config.vision_config.patch_size,
-        vision_feature_select_strategy=strategy, image_token="<image>",
-        num_additional_image_tokens=1 if strategy in SELECT_STRATEGY.values() else 0,
-        chat_template=chat_template(getattr(model.config, "tga_template", None) or "llava_llama_2"),
-    )
 
 
 def save_model_folder(trainer, model, tokenizer, image_processor, output_dir: str) -> None:

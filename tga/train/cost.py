@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainerCallback
 
-from tga.train.distributed import is_main_process
+from tga.ranks import is_main_process
 
 COST_FILE = "cost.json"
 

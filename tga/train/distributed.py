@@ -117,32 +117,6 @@ def remove_orphaned_comm_buffers(min_age_s: float = 5.0) -> list[str]:
     return []
 
 
-def is_zero3_param(parameter: torch.nn.Parameter) -> bool:
-    return hasattr(parameter, "ds_id")
-
-
-@contextlib.contextmanager
-def gathered(parameters):
-    """Full values of (possibly ZeRO-3 partitioned) parameters inside the block; a no-op without ZeRO-3."""
-    parameters = [p for p in parameters if is_zero3_param(p)]
-    if not parameters:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(parameters, modifier_rank=None):
-        yield
-
-
-def is_main_process() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-
-
-def barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 def end_process(code: int) -> NoReturn:
     """End a rank of a run with exit status `code`; the entry-point scripts call this last.
 

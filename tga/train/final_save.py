@@ -19,7 +19,7 @@ import shutil
 import signal
 
 from tga.errors import TrainingDiverged
-from tga.train.distributed import barrier, is_main_process
+from tga.ranks import barrier, is_main_process
 from tga.train.divergence import nonfinite_parameters
 from tga.train.integrity import COMPLETE_MARKER, mark_complete
 from tga.train.preflight import CheckpointError, free_space

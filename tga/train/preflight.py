@@ -15,7 +15,7 @@ import shutil
 import torch
 
 from tga.errors import ConfigError, TGAError
-from tga.train.distributed import is_main_process
+from tga.ranks import is_main_process
 
 # errno values that mean "the disk or the folder will not take our files", not a bug.
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}

@@ -25,7 +25,7 @@ import torch
 from transformers import TrainerCallback
 
 from tga.errors import ConfigError, TGAError, TrainingDiverged
-from tga.train.distributed import barrier, is_main_process
+from tga.ranks import barrier, is_main_process
 from tga.train.divergence import nonfinite_parameters
 from tga.train.integrity import (
     COMPLETE_MARKER,

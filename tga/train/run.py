@@ -32,9 +32,10 @@ from tga.model.tokenizer import image_token_id, load_tokenizer
 from tga.model.vision import load_image_processor
 from tga.model.vlm import build_vlm, is_vlm_checkpoint, load_vlm
 from tga.options import config_argv
+from tga.ranks import is_main_process
 from tga.train.checkpoint import load_projector, save_model_folder, save_projector
 from tga.train.cost import CostCallback
-from tga.train.distributed import is_main_process, prepare_process
+from tga.train.distributed import prepare_process
 from tga.train.final_save import save_final, take_held_signal
 from tga.train.integrity import latest_complete_checkpoint, list_checkpoints
 from tga.train.plots import plot_training_curves

@@ -19,7 +19,7 @@ import torch
 from transformers import TrainerCallback
 
 from tga.errors import ConfigError
-from tga.train.distributed import is_main_process
+from tga.ranks import is_main_process
 
 logger = logging.getLogger(__name__)
 

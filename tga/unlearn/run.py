@@ -20,13 +20,15 @@ from tga.data.dataset import SampleBuilder
 from tga.data.guard import BadRecordLog
 from tga.data.templates import get_template
 from tga.model.lora import add_lora
+from tga.model.processor import build_processor
 from tga.model.sources import check_model_source
 from tga.model.tokenizer import image_token_id, load_tokenizer
 from tga.model.vision import load_image_processor
 from tga.model.vlm import load_vlm
-from tga.train.checkpoint import build_processor, save_model_folder
+from tga.ranks import is_main_process
+from tga.train.checkpoint import save_model_folder
 from tga.train.cost import CostCallback, TokenCounter, numel
-from tga.train.distributed import is_main_process, prepare_process
+from tga.train.distributed import prepare_process
 from tga.train.final_save import take_held_signal
 from tga.train.resume_check import run_record
 from tga.train.run import begin_run, model_dtype, resolved_config, train_and_finish

@@ -17,9 +17,9 @@ import logging
 import torch
 from transformers import Trainer
 
+from tga.running_means import RunningMeans
 from tga.train.cost import TokenCounter
 from tga.train.divergence import WatchedSteps
-from tga.train.running_means import RunningMeans
 from tga.unlearn.dataset import group_inputs
 from tga.unlearn.loss import UnlearnWeights, response_kl, response_nll, unlearn_loss
 

@@ -1,4 +1,4 @@
-"""tga/train/running_means.py
+"""tga/running_means.py
 
 Per-step training metrics (TGA cosines, unlearning loss parts) averaged between two logging steps, so a trainer's
 `log` reports the mean since the last log rather than the last step's value. NaN values (e.g. the specificity of a

@@ -1,4 +1,4 @@
-"""tga/defense/cost.py
+"""tga/safety/cost.py
 
 The inference cost of a defence in the evaluation reports: per-request means of the costs stored with every answer
 (generations, prompt tokens, generated tokens) and their ratios to answering without a defence. Kept free of model
