@@ -56,7 +56,7 @@ def tiny(tmp_path_factory):
     for name, colour in (("red", (200, 10, 10)), ("blue", (10, 10, 200))):
         images[name] = str(root / f"{name}.png")
         Image.new("RGB", (32, 32), colour).save(images[name])
-    return {"root": root, "models": models, "images": images}
+    return {"root": root, "models": models, "images": images, "llm": assets["llm"]}
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +214,45 @@ def test_a_text_only_request_is_answered_without_an_image(served, tiny, capsys):
     capsys.readouterr()
     assert main(["chat", "--model", tiny["models"]["a"], "--max_new_tokens", str(NEW_TOKENS), "Say hello."]) == 0
     assert answers[0] == capsys.readouterr().out.strip()
+
+
+class ScriptedJudge:
+    """Calls every answer safe and remembers what it was asked."""
+
+    name = "llm"
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[list[str], list[str]]] = []
+
+    def judge(self, questions, answers):
+        self.asked.append((list(questions), list(answers)))
+        return [True] * len(answers)
+
+
+def test_each_final_answer_is_judged_and_its_verdict_shown(tiny):
+    from tga.safety.loading import load_chat
+    from tga.serve.session import Playground, verdict_line
+
+    judge = ScriptedJudge()
+    playground = Playground({"a": load_chat(tiny["models"]["a"])}, {"a": {"none": None}}, judge,
+                            max_new_tokens=NEW_TOKENS)
+    states = list(playground.answer(Image.open(tiny["images"]["red"]), f"  {REQUEST} "))
+    final = states[-1][0]
+    assert states[0][0].text == "" and not states[-2][0].done and final.done
+    assert judge.asked == [([REQUEST], [final.text])]  # the stripped request and the final answer, once
+    assert verdict_line(final, judge.name).startswith("**judge llm: safe** · refusal phrases: ")
+
+
+def test_a_local_judge_folder_judges_the_served_answers(tiny):
+    from tga.safety.judge import LLMJudge
+    from tga.serve.loading import build_playground
+
+    args = serve_args("--model", f"a={tiny['models']['a']}", "--judge", "llm", "--judge_model", tiny["llm"],
+                      "--max_new_tokens", str(NEW_TOKENS))
+    playground = build_playground(args, log=lambda *_: None)
+    assert isinstance(playground.judge, LLMJudge)
+    final = list(playground.answer(Image.open(tiny["images"]["red"]), REQUEST))[-1][0]
+    assert final.verdict is LLMJudge.from_pretrained(tiny["llm"]).judge([REQUEST], [final.text])[0]
 
 
 def test_serve_defaults_to_the_loopback_interface(served):

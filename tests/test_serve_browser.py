@@ -13,7 +13,7 @@ from PIL import Image
 
 from tga.cli import serve_cmd
 from tga.safety.judge import KeywordJudge
-from tga.serve.browser import ask, chromium, unavailable
+from tga.serve.browser import ask, chromium, requested, unavailable
 from tga.tiny import make_tiny_assets
 from tga.train.distributed import free_port
 
@@ -64,6 +64,12 @@ def test_the_page_answers_in_every_column_with_its_verdict(page, tmp_path):
     shot = tmp_path / "serve.png"
     with chromium() as driver:
         status, labels, answers, verdicts = ask(driver, page["url"], knife.image, REQUEST, screenshot=str(shot))
+        urls = requested(driver)
+    # the page reaches nothing on the network but the server (no fonts, scripts or analytics from elsewhere);
+    # chrome:// and data: URLs are the browser's own
+    network = [url for url in urls if url.startswith(("http:", "https:", "ws:", "wss:"))]
+    assert any(url.startswith(page["url"]) for url in network)
+    assert all(url.startswith(page["url"]) for url in network), [u for u in network if not u.startswith(page["url"])]
     playground = page["playground"]
     assert status == "Answered in all 4 columns."
     assert labels == [column.label for column in playground.columns]

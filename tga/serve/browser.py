@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -47,6 +48,7 @@ def chromium(*, width: int = 1500, height: int = 1000) -> Iterator[Any]:
     options.binary_location = CHROMIUM
     for flag in (*FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}"):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # the page's requests, for `requested`
     driver = None
     try:
         driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
@@ -89,6 +91,16 @@ def ask(driver: Any, url: str, image: str, request: str, *, timeout: float = 120
         driver.set_window_size(driver.get_window_size()["width"], page + 40)  # the whole page, examples included
         driver.save_screenshot(screenshot)
     return driver.find_element(By.ID, "status").text, labels, answers, verdicts
+
+
+def requested(driver: Any) -> list[str]:
+    """Every URL the page asked for since the last call (from Chromium's network log)."""
+    urls = []
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message.get("method") == "Network.requestWillBeSent":
+            urls.append(message["params"]["request"]["url"])
+    return urls
 
 
 def main(argv: list[str] | None = None) -> int:
