@@ -96,8 +96,10 @@ def test_served_answers_are_tga_chat_greedy_answers_with_verdict_and_cost(served
     playground = served["playground"]
     labels = [column.label for column in playground.columns]
     assert labels == ["a · none", "a · adashield", "b · none", "b · adashield"]
-    status, answers, verdicts = columns(ask(served["client"], tiny["images"]["red"], REQUEST), len(labels))
+    result = ask(served["client"], tiny["images"]["red"], REQUEST)
+    status, answers, verdicts = columns(result, len(labels))
     assert status == "Answered in all 4 columns."
+    assert result[1]["path"].startswith(served["server"].upload_dir)  # the image the models saw, shown back
     for column, served_answer, verdict in zip(playground.columns, answers, verdicts):
         expected = chat_answer(capsys, tiny["models"][column.model], tiny["images"]["red"], REQUEST, column.defense)
         assert expected and served_answer == expected, column.label

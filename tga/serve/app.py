@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from itertools import chain
@@ -49,9 +50,10 @@ def build_app(playground: Playground, examples: list[Example] | None = None) -> 
             done = sum(state.done for state in outcome)
             status = (f"Answering… {done} of {count} columns done." if done < count
                       else f"Answered in all {count} columns.")
-            yield (status, preview, *(state.text for state in outcome),
+            # the image goes to the page first and last (an API client reads the last), not with every piece
+            yield (status, image if done == count else preview, *(state.text for state in outcome),
                    *(verdict_line(state, judge_name) for state in outcome))
-            preview = gr.skip()  # the image is sent to the page once, not with every decoded piece
+            preview = gr.skip()
 
     def show(upload: str | None):
         try:
@@ -116,6 +118,7 @@ class Server:
         self.app: Any = None
         self.upload_dir: str | None = None
         self._saved_env: dict[str, str | None] = {}
+        self._recreated: str | None = None
 
     def __enter__(self) -> str:
         self.upload_dir = tempfile.mkdtemp(prefix="tga-serve-", dir=self.temp_root)
@@ -123,6 +126,11 @@ class Server:
         settings = {"GRADIO_TEMP_DIR": self.upload_dir, "GRADIO_ANALYTICS_ENABLED": "False"}
         self._saved_env = {key: os.environ.get(key) for key in settings}
         os.environ.update(settings)
+        # A few gradio modules fix their folder when gradio is first imported: in a process that has run a server
+        # before (tests), that is the earlier server's removed folder, which the app recreates; removed again below.
+        fixed = getattr(sys.modules.get("gradio.route_utils"), "DEFAULT_TEMP_DIR", None)
+        if fixed is not None and fixed != self.upload_dir and not os.path.exists(fixed):
+            self._recreated = fixed
         try:
             self.app = build_app(self.playground, self.examples)
             self.app.queue(default_concurrency_limit=1)
@@ -152,8 +160,9 @@ class Server:
     def _cleanup(self) -> None:
         if self.app is not None:
             self.app.close(verbose=False)
-        if self.upload_dir is not None:
-            shutil.rmtree(self.upload_dir, ignore_errors=True)
+        for folder in (self.upload_dir, self._recreated):
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
         for key, value in self._saved_env.items():
             if value is None:
                 os.environ.pop(key, None)
