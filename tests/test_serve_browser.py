@@ -13,7 +13,7 @@ from PIL import Image
 
 from tga.cli import serve_cmd
 from tga.safety.judge import KeywordJudge
-from tga.serve.browser import ask, chromium, requested, unavailable
+from tga.serve.browser import answer, ask, chromium, pick_example, requested, unavailable
 from tga.tiny import make_tiny_assets
 from tga.train.distributed import free_port
 
@@ -85,3 +85,16 @@ def test_the_page_answers_in_every_column_with_its_verdict(page, tmp_path):
     with Image.open(shot) as picture:  # the whole page, not a blank or cut-off window
         assert picture.size[0] >= 1000 and picture.size[1] >= 600
         assert len(picture.convert("L").getcolors(1 << 16) or []) > 20
+
+
+def test_an_example_of_the_demo_world_fills_the_page_and_is_answered(page):
+    from tga.safety.chat import answer as chat_answer
+
+    benign = next(e for e in page["examples"] if e.label.startswith("benign: "))
+    with chromium() as driver:
+        request = pick_example(driver, page["url"], benign.label)
+        status, _, answers, _ = answer(driver)
+    assert request == benign.request and status == "Answered in all 4 columns."
+    image = Image.open(benign.image).convert("RGB")
+    chat = page["playground"].chats["a"]
+    assert answers[0] == chat_answer(chat, image, benign.request, max_new_tokens=NEW_TOKENS, stream=False)

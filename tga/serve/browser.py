@@ -67,19 +67,37 @@ def ask(driver: Any, url: str, image: str, request: str, *, timeout: float = 120
         (status line, column labels, answers, verdict lines), as the page shows them.
     """
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    wait = WebDriverWait(driver, timeout)
-    driver.get(url)
-    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#image input[type=file]"))
+    _open(driver, url, timeout)
     driver.find_element(By.CSS_SELECTOR, "#image input[type=file]").send_keys(os.path.abspath(image))
-    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#preview img"))  # the upload was read and checked
+    _until(driver, timeout, lambda d: d.find_elements(By.CSS_SELECTOR, "#preview img"))  # read and checked
     box = driver.find_element(By.CSS_SELECTOR, "#request textarea")
     box.clear()
     box.send_keys(request)
+    return answer(driver, timeout=timeout, screenshot=screenshot)
+
+
+def pick_example(driver: Any, url: str, label: str, *, timeout: float = 120) -> str:
+    """Open the page and click the example called `label`; returns the request it put in the box."""
+    from selenium.webdriver.common.by import By
+
+    _open(driver, url, timeout)
+    buttons = [b for b in driver.find_elements(By.CSS_SELECTOR, "button") if b.text.strip() == label]
+    if not buttons:
+        raise ValueError(f"the page has no example called {label!r}")
+    buttons[0].click()
+    _until(driver, timeout, lambda d: d.find_elements(By.CSS_SELECTOR, "#preview img"))
+    return driver.find_element(By.CSS_SELECTOR, "#request textarea").get_attribute("value")
+
+
+def answer(driver: Any, *, timeout: float = 120, screenshot: str | None = None
+           ) -> tuple[str, list[str], list[str], list[str]]:
+    """Press Answer on the open page and read it once every column is done (see `ask`)."""
+    from selenium.webdriver.common.by import By
+
     driver.find_element(By.CSS_SELECTOR, "#submit").click()
-    wait.until(lambda d: "Answered in all" in d.find_element(By.ID, "status").text
-               or "Cannot answer" in d.find_element(By.ID, "status").text)
+    _until(driver, timeout, lambda d: "Answered in all" in d.find_element(By.ID, "status").text
+           or "Cannot answer" in d.find_element(By.ID, "status").text)
     labels = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "[id^=label-]")]
     answers = [driver.find_element(By.CSS_SELECTOR, f"#answer-{i} textarea").get_attribute("value")
                for i in range(len(labels))]
@@ -91,6 +109,19 @@ def ask(driver: Any, url: str, image: str, request: str, *, timeout: float = 120
         driver.set_window_size(driver.get_window_size()["width"], page + 40)  # the whole page, examples included
         driver.save_screenshot(screenshot)
     return driver.find_element(By.ID, "status").text, labels, answers, verdicts
+
+
+def _open(driver: Any, url: str, timeout: float) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.get(url)
+    _until(driver, timeout, lambda d: d.find_elements(By.CSS_SELECTOR, "#image input[type=file]"))
+
+
+def _until(driver: Any, timeout: float, condition: Any) -> None:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, timeout).until(condition)
 
 
 def requested(driver: Any) -> list[str]:
