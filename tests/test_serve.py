@@ -257,9 +257,16 @@ def test_a_local_judge_folder_judges_the_served_answers(tiny):
     assert final.verdict is LLMJudge.from_pretrained(tiny["llm"]).judge([REQUEST], [final.text])[0]
 
 
-def test_serve_defaults_to_the_loopback_interface(served):
+def test_serve_defaults_to_the_loopback_interface_and_names_a_taken_port(served):
+    from tga.serve.app import Server
+
     assert serve_args("--model", "a=x").host == "127.0.0.1"
     assert served["url"].startswith("http://127.0.0.1:")
+    taken = int(served["url"].rstrip("/").rsplit(":", 1)[1])
+    server = Server(served["playground"], port=taken)
+    with pytest.raises(ConfigError, match=f"cannot listen on --host 127.0.0.1 --port {taken}"):
+        server.__enter__()
+    assert not os.path.exists(server.upload_dir)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -27,8 +27,8 @@ def _serve(args: argparse.Namespace) -> int:
     from tga.serve.examples import load_examples
     from tga.serve.loading import build_playground
 
-    if not 0 <= args.port <= 65535:
-        raise ConfigError(f"--port must be 0-65535, got {args.port}")
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port must be 1-65535, got {args.port}")
     if importlib.util.find_spec("gradio") is None:
         raise ConfigError("tga serve needs gradio, which is in the serve extra: pip install -e '.[serve]' "
                           "(make install installs it)")

@@ -19,6 +19,7 @@ import threading
 from itertools import chain
 from typing import Any
 
+from tga.errors import ConfigError
 from tga.serve.examples import Example
 from tga.serve.session import InputError, Playground, read_image, verdict_line
 
@@ -138,6 +139,10 @@ class Server:
                                         prevent_thread_lock=True, quiet=True, show_error=False,
                                         max_file_size=MAX_FILE_SIZE, inbrowser=False, ssr_mode=False,
                                         mcp_server=False, pwa=False, enable_monitoring=False)
+        except OSError as error:  # the port is taken, or the host is not an address of this machine
+            self._cleanup()
+            raise ConfigError(f"cannot listen on --host {self.host} --port {self.port}: another program may be using "
+                              "the port (choose another --port), or the host is not this machine's") from error
         except BaseException:
             self._cleanup()
             raise
