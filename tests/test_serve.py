@@ -6,6 +6,7 @@ end; the flags' mistakes are named; the demo world's scenes are the examples; `t
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -294,15 +295,22 @@ def test_a_missing_model_folder_is_named(tmp_path):
 
 def test_the_examples_of_a_demo_run_are_its_toxic_and_benign_scenes(tmp_path):
     from tga.demo.assets import build_assets
+    from tga.demo.world import TOXIC_CONCEPTS
     from tga.serve.examples import load_examples
 
     build_assets(str(tmp_path / "run" / "assets"), size="tiny", seed=0)
     examples = load_examples(str(tmp_path / "run"))
     toxic = [e for e in examples if e.label.startswith("toxic: ")]
-    benign = [e for e in examples if e.label.startswith("benign: ")]
+    benign = [e for e in examples if e.label.startswith("benign ")]
     assert sorted(e.label for e in toxic) == ["toxic: cigarette", "toxic: gun", "toxic: knife", "toxic: skull"]
     assert all(f"/toxic_test/{e.label[7:]}/" in e.image and e.request == "Describe the image." for e in toxic)
     assert len(benign) == 4 and len({e.request for e in benign}) > 1
+    assert len({e.label for e in examples}) == len(examples)  # each can be told apart in the page
+    with open(tmp_path / "run" / "assets" / "world" / "scenes.jsonl", encoding="utf-8") as handle:
+        toxic_scene = {scene["id"]: any(o["concept"] in TOXIC_CONCEPTS for o in scene["objects"])
+                       for scene in map(json.loads, handle)}
+    images = tmp_path / "run" / "assets" / "world" / "images"
+    assert not any(toxic_scene[os.path.relpath(e.image, images)[: -len(".png")]] for e in benign)
     assert all(os.path.isfile(e.image) and Image.open(e.image).size == (48, 48) for e in examples)
     with pytest.raises(ConfigError, match="holds no images"):
         load_examples(str(tmp_path))

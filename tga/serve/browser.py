@@ -102,12 +102,13 @@ def answer(driver: Any, *, timeout: float = 120, screenshot: str | None = None
     answers = [driver.find_element(By.CSS_SELECTOR, f"#answer-{i} textarea").get_attribute("value")
                for i in range(len(labels))]
     verdicts = [driver.find_element(By.ID, f"verdict-{i}").text for i in range(len(labels))]
-    if screenshot:
-        page = driver.execute_script("return Math.max(document.body.scrollHeight, "
-                                     "document.documentElement.scrollHeight, "
-                                     "document.querySelector('.gradio-container').scrollHeight)")
-        driver.set_window_size(driver.get_window_size()["width"], page + 40)  # the whole page, examples included
+    if screenshot:  # the whole page, examples included: the viewport is made as tall as the content
+        width, height = driver.execute_script("return [document.documentElement.clientWidth, "
+                                              "document.documentElement.scrollHeight]")
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                               {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
         driver.save_screenshot(screenshot)
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
     return driver.find_element(By.ID, "status").text, labels, answers, verdicts
 
 

@@ -55,10 +55,11 @@ def demo_examples(assets_json: str) -> list[Example]:
         if images:
             examples.append(Example(os.path.join(toxic_folder, concept, images[0]), summary["dsr_question"],
                                     f"toxic: {concept}"))
-    for key in ("benign_describe_test", "benign_vqa_test"):
-        for record in _read_json(paths[key])[:BENIGN_PER_SET]:
-            examples.append(Example(os.path.join(image_folder, record["image"]), record["question"],
-                                    f"benign: {record['question']}"))
+    benign = [record for key in ("benign_describe_test", "benign_vqa_test")
+              for record in _read_json(paths[key])[:BENIGN_PER_SET]]
+    for number, record in enumerate(benign, 1):  # numbered: two scenes may share a question
+        examples.append(Example(os.path.join(image_folder, record["image"]), record["question"],
+                                f"benign {number}: {record['question']}"))
     return examples
 
 
