@@ -43,13 +43,13 @@ def bank_disk_bytes(captions: int, recipe: str, num_layers: int = 32, hidden: in
 def make_steps(batch_size: int, folder: str):
     from tga.align.bank import open_or_build
     from tga.config import TrainingArguments
-    from tga.train.trainer import GuideSettings, TGATrainer
+    from tga.train.trainer import GuideConfig, TGATrainer
 
     model, tokenizer = build(folder, "cpu")
     model.model.language_model.requires_grad_(False)  # stage 1: the LLM is frozen, the target fixed
     model.lm_head.requires_grad_(False)
     args = TrainingArguments(output_dir=folder, report_to="none", use_cpu=True)
-    trainers = {name: TGATrainer(model=model, args=args, processing_class=tokenizer, guide=GuideSettings(layers=LAYERS))
+    trainers = {name: TGATrainer(model=model, args=args, processing_class=tokenizer, guide=GuideConfig(layers=LAYERS))
                 for name in ("tga_live", "tga_bank")}
     batch = make_batch(model, batch_size, "cpu")
     batch["guide_ids"] = [f"r{row}" for row in range(batch_size)]

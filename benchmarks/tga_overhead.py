@@ -77,12 +77,12 @@ def make_steps(steps_device: str, batch_size: int):
     """The model, and one training-step function per variant (same model, batch and optimizer)."""
     from tga.align import guide_loss, pool_layers
     from tga.config import TrainingArguments
-    from tga.train.trainer import GuideSettings, TGATrainer
+    from tga.train.trainer import GuideConfig, TGATrainer
 
     with tempfile.TemporaryDirectory() as tmp:
         model, tokenizer = build(tmp, steps_device)
         args = TrainingArguments(output_dir=tmp, report_to="none", use_cpu=steps_device == "cpu")
-        trainer = TGATrainer(model=model, args=args, processing_class=tokenizer, guide=GuideSettings(layers=LAYERS))
+        trainer = TGATrainer(model=model, args=args, processing_class=tokenizer, guide=GuideConfig(layers=LAYERS))
     batch = make_batch(model, batch_size, steps_device)
     model_inputs = {k: batch[k] for k in ("input_ids", "labels", "attention_mask", "pixel_values")}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,9 +21,8 @@ from tga.data.records import load_records
 from tga.errors import ConfigError
 from tga.model.vlm import build_vlm
 from tga.running_means import RunningMeans
-from tga.train.run import guide_settings
 from tga.train.stages import apply_stage, trainable_components
-from tga.train.trainer import GuideSettings, TGATrainer
+from tga.train.trainer import GuideConfig, TGATrainer
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +69,7 @@ class StopAt(TrainerCallback):
 
 def test_kill_and_resume_keeps_the_caption_centre_and_the_losses(parts, tmp_path):
     samples = [parts["builder"].build(r) for r in parts["guided"][:8]]
-    guide = GuideSettings(layers=[1, 2], center=True)
+    guide = GuideConfig(layers=[1, 2], center=True)
     whole = make_trainer(parts, fresh_model(parts, "pretrain"), samples, tmp_path / "whole", guide)
     whole.train()
 
@@ -112,7 +110,7 @@ def test_batch_4_equals_batch_2_with_accumulation_2(parts, tmp_path, with_guide)
     # One sample without an image (no guide sample) among four: the two micro-batches hold 1 and 2 guide samples.
     records = [*parts["guided"][:3], parts["unguided"][0]]
     samples = [parts["builder"].build(r) for r in records]
-    guide = GuideSettings(layers=[1, 2], weight=5.0) if with_guide else None
+    guide = GuideConfig(layers=[1, 2], weight=5.0) if with_guide else None
     whole = step_gradients(parts, samples, guide, 4, 1, tmp_path / "whole")
     split = step_gradients(parts, samples, guide, 2, 2, tmp_path / "split")
     assert whole.keys() == split.keys() and any(name.startswith("model.language_model") for name in whole)
@@ -156,7 +154,7 @@ def test_guide_weight_schedules_through_the_trainer(parts, tmp_path, schedule):
     samples = [parts["builder"].build(r) for r in parts["guided"][:4]]
     form = "released" if schedule == "released" else "paper"
     trainer = make_trainer(parts, fresh_model(parts, "pretrain"), samples, tmp_path,
-                           GuideSettings(layers=[1, 2], weight=2.0, schedule=schedule, form=form),
+                           GuideConfig(layers=[1, 2], weight=2.0, schedule=schedule, form=form),
                            per_device_train_batch_size=4, learning_rate=0.0)
     trainer.train()
     weights, pairs = logged(trainer, "tga/weight"), logged(trainer, "tga/pair")
@@ -173,12 +171,11 @@ def test_guide_options_named_in_messages_exist(tmp_path):
     argv = ["--data_path", "x.json", "--output_dir", str(tmp_path), "--tga", "true", "--tga_layers", "1-2",
             "--tga_pair_weight", "0.5", "--tga_hinge_weight", "0.2", "--tga_center_momentum", "0.9"]
     _, _, tga_args, _ = parse_config(argv)
-    model = SimpleNamespace(config=SimpleNamespace(text_config=SimpleNamespace(num_hidden_layers=4)))
-    settings = guide_settings(tga_args, model)
+    settings = GuideConfig.for_run(tga_args, num_layers=4, trains_llm=True, zero3=False)
     assert (settings.pair_weight, settings.hinge_weight, settings.center_momentum) == (0.5, 0.2, 0.9)
     for flag, value in (("--tga_pair_weight", "-1"), ("--tga_hinge_weight", "-0.5"), ("--tga_center_momentum", "1")):
         with pytest.raises(ConfigError, match=flag):
-            guide_settings(parse_config([*argv, flag, value])[2], model)
+            GuideConfig.for_run(parse_config([*argv, flag, value])[2], num_layers=4, trains_llm=True, zero3=False)
 
 
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__")
@@ -187,7 +184,7 @@ HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool_
 def test_a_micro_step_that_does_not_log_never_reads_the_device_from_tga_code(parts, tmp_path, monkeypatch):
     samples = [parts["builder"].build(r) for r in [*parts["guided"][:3], parts["unguided"][0]]]
     model = fresh_model(parts, "finetune")
-    trainer = make_trainer(parts, model, samples, tmp_path, GuideSettings(layers=[1, 2], center=True),
+    trainer = make_trainer(parts, model, samples, tmp_path, GuideConfig(layers=[1, 2], center=True),
                            logging_steps=10)
     trainer.state.global_step, trainer.state.logging_steps = 3, 10  # step 4 of 10: not a logging step
     batch = VLMCollator(parts["tokenizer"].pad_token_id)(samples)
@@ -216,7 +213,7 @@ def test_logged_guide_metrics_equal_the_per_step_values(parts, tmp_path):
     """Every step logged: the device-side means give what the per-step float path (RunningMeans) gives for the same
     metrics. Every second step logged: the means of the two steps, and the specificity of the logging step."""
     samples = [parts["builder"].build(r) for r in [*parts["guided"][:6], parts["unguided"][0], parts["unguided"][1]]]
-    settings = GuideSettings(layers=[1, 2], center=True)
+    settings = GuideConfig(layers=[1, 2], center=True)
     # Batches of 4 from 6 guided and 2 text-only records: every batch has >= 2 guide samples (a defined specificity).
     every = make_trainer(parts, fresh_model(parts, "finetune"), samples, tmp_path / "every", settings,
                          learning_rate=1e-3, per_device_train_batch_size=4)
@@ -272,7 +269,7 @@ def live_states(trainer, model, row):
 
 def test_bank_states_are_the_live_pass_bitwise_in_float32(parts, tmp_path):
     model = fresh_model(parts, "pretrain")
-    trainer = make_trainer(parts, model, [], tmp_path / "out", GuideSettings(layers=LAYERS))
+    trainer = make_trainer(parts, model, [], tmp_path / "out", GuideConfig(layers=LAYERS))
     rows = caption_rows(parts["guided"][:5], parts["builder"])
     bank = open_or_build(str(tmp_path / "bank"), model.model.language_model, rows, LAYERS, dtype="float32",
                          pad_token_id=parts["tokenizer"].pad_token_id, batch_size=1)
@@ -292,7 +289,7 @@ def test_training_with_the_bank_gives_the_losses_of_training_without(parts, tmp_
     samples = [parts["builder"].build(r) for r in records]
     runs = {}
     for name, bank in (("live", None), ("bank", str(tmp_path / "bank"))):
-        settings = GuideSettings(layers=LAYERS, bank=bank, bank_dtype="float32", center=True)
+        settings = GuideConfig(layers=LAYERS, bank=bank, bank_dtype="float32", center=True)
         trainer = make_trainer(parts, fresh_model(parts, "pretrain"), samples, tmp_path / name, settings)
         trainer.guide.bank_rows = lambda: caption_rows(records, parts["builder"])
         trainer.train()

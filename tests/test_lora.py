@@ -31,7 +31,7 @@ from tga.tiny import mistral_tokenizer_file
 from tga.train.checkpoint import save_model_folder
 from tga.train.run import run_stage
 from tga.train.stages import apply_lora_stage, apply_stage, trainable_components
-from tga.train.trainer import BATCH_EXTRAS, GuideSettings, TGATrainer
+from tga.train.trainer import BATCH_EXTRAS, GuideConfig, TGATrainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values")
@@ -185,7 +185,7 @@ def test_tga_guide_gradient_reaches_lora_below_the_deepest_target_layer(setup):
             if ".lora_B." in name:
                 parameter.normal_(std=0.02)
     trainer = TGATrainer(model=model, args=setup["args"], processing_class=setup["tokenizer"],
-                         guide=GuideSettings(layers=[1, 2]))
+                         guide=GuideConfig(layers=[1, 2]))
     batch = setup["batch"]
     hidden = model.train()(**{k: batch[k] for k in MODEL_KEYS}, output_hidden_states=True).hidden_states
     loss, _ = trainer.guide.loss(model, hidden, batch)  # the guide loss alone: no CE

@@ -11,8 +11,9 @@ import torch
 import yaml
 from tiny_parts import tiny_model_and_builder
 
+from tga.align.guide_config import GuideConfig
 from tga.align.request_guide import request_guide_loss, request_token_loss
-from tga.config import DataArguments, ModelArguments, TGAArguments, TrainingArguments, check_config
+from tga.config import TGAArguments
 from tga.data.collator import VLMCollator
 from tga.data.records import load_records
 from tga.errors import ConfigError, DataError
@@ -129,11 +130,10 @@ def test_a_micro_batch_without_guide_samples_gives_an_attached_zero(tiny):
     ({"tga_caption_context": "request", "tga_bank": "bank"}, "--tga_bank"),
     ({"tga_caption_context": "request", "tga_center": True}, "--tga_center"),
 ])
-def test_options_it_cannot_work_with_are_refused_by_name(flags, message, tmp_path):
-    tga_args = TGAArguments(tga=True, tga_form="request", **flags)
+def test_options_it_cannot_work_with_are_refused_by_name(flags, message):
+    tga_args = TGAArguments(tga=True, tga_form="request", tga_layers="1-2", **flags)
     with pytest.raises(ConfigError, match=message):
-        check_config(ModelArguments(), DataArguments(data_path="d.json"), tga_args,
-                     TrainingArguments(output_dir=str(tmp_path), report_to="none"))
+        GuideConfig.for_run(tga_args, num_layers=3, trains_llm=True, zero3=False)
 
 
 def test_a_stage_2_run_trains_with_the_request_guide_and_logs_it(tiny_assets, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import GemmaConfig, GemmaModel, LlamaConfig, LlamaModel, MistralConfig, MistralModel
 
-from tga.align.shared_pass import SharedCaptionPass, caption_pass_mode
+from tga.align.shared_pass import SharedCaptionPass
 from tga.errors import ConfigError
 from tga.model.text_states import text_hidden_states
 
@@ -98,36 +98,43 @@ def test_zero3_marks_the_layers_up_to_the_depth_as_leaf_modules():
 
 
 def test_auto_shares_where_it_can_and_names_why_not():
+    from tga.align.guide_config import GuideConfig
+
     mistral, gemma = MistralModel(MistralConfig(**SIZES)), GemmaModel(GemmaConfig(**SIZES, head_dim=8))
-    assert caption_pass_mode("auto", bank=False, frozen=False, language_model=mistral) == ("shared", None)
-    assert caption_pass_mode("auto", bank=True, frozen=True, language_model=mistral) == ("bank", None)
-    assert caption_pass_mode("separate", bank=False, frozen=False, language_model=mistral) == ("separate", None)
-    mode, why = caption_pass_mode("auto", bank=False, frozen=False, language_model=gemma)
+
+    def source(language_model, copied=False, **options):
+        return GuideConfig(layers=[1], **options).caption_source(language_model, copied_target=copied)
+
+    assert source(mistral) == ("shared", None)
+    assert source(mistral, target="frozen", bank="bank") == ("bank", None)
+    assert source(mistral, caption_pass="separate") == ("separate", None)
+    mode, why = source(gemma)
     assert mode == "separate" and "'gemma'" in why
-    mode, why = caption_pass_mode("auto", bank=False, frozen=True, language_model=mistral)
+    mode, why = source(mistral, copied=True, target="frozen")
     assert mode == "separate" and "--tga_target frozen" in why
     with pytest.raises(ConfigError, match="--tga_caption_pass shared: the forward of model type 'gemma'"):
-        caption_pass_mode("shared", bank=False, frozen=False, language_model=gemma)
+        source(gemma, caption_pass="shared")
     with pytest.raises(ConfigError, match="--tga_caption_pass bank needs --tga_bank"):
-        caption_pass_mode("bank", bank=False, frozen=False, language_model=mistral)
+        GuideConfig(layers=[1], caption_pass="bank")
     with pytest.raises(ConfigError, match="--tga_caption_pass separate: --tga_bank"):
-        caption_pass_mode("separate", bank=True, frozen=True, language_model=mistral)
+        GuideConfig(layers=[1], caption_pass="separate", bank="bank", target="frozen")
 
 
 def test_guide_falls_back_to_the_separate_pass_with_one_notice(tiny_assets, caplog):
     """A frozen-copy target (stage 2, LLM trainable) is a module the training forward never runs."""
-    from tga.align.guide import Guide, GuideSettings
+    from tga.align.guide import Guide
+    from tga.align.guide_config import GuideConfig
     from tga.model.tokenizer import load_tokenizer
     from tga.model.vlm import build_vlm
 
     tokenizer = load_tokenizer(tiny_assets["llm"])
     model = build_vlm(tiny_assets["llm"], tiny_assets["vision"], tokenizer)
     with caplog.at_level(logging.WARNING, logger="tga.align.guide"):
-        frozen = Guide(GuideSettings(layers=[1, 2], target="frozen"), model, pad_token_id=tokenizer.pad_token_id)
+        frozen = Guide(GuideConfig(layers=[1, 2], target="frozen"), model, pad_token_id=tokenizer.pad_token_id)
     notices = [r.getMessage() for r in caplog.records if "caption pass" in r.getMessage()]
     assert frozen.caption_pass_mode == "separate" and frozen.shared is None
     assert len(notices) == 1 and "\n" not in notices[0] and "--tga_target frozen" in notices[0]
-    live = Guide(GuideSettings(layers=[1, 2]), model, pad_token_id=tokenizer.pad_token_id)
+    live = Guide(GuideConfig(layers=[1, 2]), model, pad_token_id=tokenizer.pad_token_id)
     assert live.caption_pass_mode == "shared" and live.shared is not None
 
 

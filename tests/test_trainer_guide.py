@@ -14,7 +14,7 @@ from tga.data.records import load_records
 from tga.model.vlm import build_vlm
 from tga.train.stages import apply_stage, trainable_components
 from tga.train.throughput import Throughput
-from tga.train.trainer import BATCH_EXTRAS, GuideSettings, TGATrainer
+from tga.train.trainer import BATCH_EXTRAS, GuideConfig, TGATrainer
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def setup(tiny_assets, tmp_path_factory):
 def guide_backward(model, tokenizer, batch, args, stage, layers):
     apply_stage(model, trainable_components(stage))
     model.zero_grad(set_to_none=True)
-    trainer = TGATrainer(model=model, args=args, processing_class=tokenizer, guide=GuideSettings(layers=layers))
+    trainer = TGATrainer(model=model, args=args, processing_class=tokenizer, guide=GuideConfig(layers=layers))
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}
     hidden = model(**inputs, output_hidden_states=True).hidden_states
     loss, metrics = trainer.guide.loss(model, hidden, batch)  # the guide loss alone: no CE
@@ -75,7 +75,7 @@ def test_centred_guide_measures_states_minus_the_running_caption_mean(setup):
     model, tokenizer, batch, args = setup
     apply_stage(model, trainable_components("finetune"))
     trainer = TGATrainer(model=model, args=args, processing_class=tokenizer,
-                         guide=GuideSettings(layers=[1, 2], center=True))
+                         guide=GuideConfig(layers=[1, 2], center=True))
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}
     with torch.no_grad():
         hidden = model(**inputs, output_hidden_states=True).hidden_states
@@ -99,7 +99,7 @@ def test_frozen_target_never_changes_while_the_model_trains(setup, tiny_assets):
     batch, args = setup[2], setup[3]
     apply_stage(model, trainable_components("finetune"))
     trainer = TGATrainer(model=model, args=args, processing_class=tokenizer,
-                         guide=GuideSettings(layers=[1, 2], target="frozen"))
+                         guide=GuideConfig(layers=[1, 2], target="frozen"))
     frozen = {k: v.clone() for k, v in trainer.guide.frozen_language_model.state_dict().items()}
     live_before = {k: v.clone() for k, v in model.model.language_model.state_dict().items()}
     target_before = trainer.guide.caption_states(model, batch, model.config.text_config.hidden_size, "cpu")

@@ -153,7 +153,7 @@ def parse_config(argv: list[str]) -> tuple[ModelArguments, DataArguments, TGAArg
     flags = config_argv(argv)
     check_precision(is_true(flag_value(flags, "bf16")), is_true(flag_value(flags, "fp16")), flag_value(flags, "deepspeed"))
     model_args, data_args, tga_args, training_args = parse_dataclasses(ARGUMENT_CLASSES, argv)
-    check_config(model_args, data_args, tga_args, training_args)
+    check_config(model_args, data_args)
     return model_args, data_args, tga_args, training_args
 
 
@@ -186,7 +186,7 @@ def check_precision(bf16: bool, fp16: bool, deepspeed: str | dict | None) -> Non
             )
 
 
-def check_config(model_args, data_args, tga_args, training_args) -> None:
+def check_config(model_args, data_args) -> None:
     if model_args.mm_use_im_start_end or model_args.mm_use_im_patch_token:
         raise ConfigError("--mm_use_im_start_end / --mm_use_im_patch_token are not supported (HF Llava token layout)")
     if data_args.data_path is None:
@@ -195,18 +195,8 @@ def check_config(model_args, data_args, tga_args, training_args) -> None:
         raise ConfigError("--safety_ratio needs --safety_data (the safety records it mixes in)")
     if data_args.safety_ratio is not None and not 0.0 < data_args.safety_ratio < 1.0:
         raise ConfigError(f"--safety_ratio must lie strictly between 0 and 1, got {data_args.safety_ratio}")
-    # Values of a set (--tga_form, --image_aspect_ratio, ...) are the fields' choices, checked by the parser.
-    if tga_args.tga_form == "request":
-        if tga_args.tga_caption_context != "request":
-            raise ConfigError("--tga_form request pulls request tokens toward the same tokens after the caption: it needs "
-                              "--tga_caption_context request")
-        if tga_args.tga_bank:
-            raise ConfigError("--tga_bank stores pooled caption states; --tga_form request needs the caption pass's "
-                              "request tokens (drop --tga_bank)")
-        if tga_args.tga_center:
-            raise ConfigError("--tga_center centres pooled image/caption states; --tga_form request compares tokens")
-    if tga_args.tga_schedule == "released" and tga_args.tga_form != "released":
-        raise ConfigError("--tga_schedule released applies the released form's (1-r) factors; use --tga_form released")
+    # Values of a set (--tga_form, --image_aspect_ratio, ...) are the fields' choices, checked by the parser; the
+    # guide's options together are checked where its config is built (tga.align.guide_config).
     if model_args.lora_enable:
         if model_args.lora_r <= 0:
             raise ConfigError(f"--lora_r must be > 0, got {model_args.lora_r}")

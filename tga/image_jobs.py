@@ -102,18 +102,8 @@ def run_image_job(
         raise ConfigError(f"--max_batches must be >= 1, got {max_batches}")
     partial = PartialResults(out_path + PARTIAL_SUFFIX, header)
     report = JobReport(out_path=out_path, complete=False, total_records=len(records))
-    pending: list[int] = []
-    for index, record in enumerate(records):
-        if not has_image(record) or not needs_work(record):
-            report.passed_through += 1
-        elif partial.finished(index, record) is None:
-            pending.append(index)
-        else:
-            report.resumed += 1
-    batches = [pending[start : start + batch_size] for start in range(0, len(pending), batch_size)]
-    if max_batches is not None:
-        batches = batches[:max_batches]
-
+    pending = _pending(records, partial, needs_work, report)
+    batches = [pending[start : start + batch_size] for start in range(0, len(pending), batch_size)][:max_batches]
     with (
         ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool,
         tqdm(total=len(pending), desc=desc, unit="img") as bar,
@@ -126,41 +116,57 @@ def run_image_job(
         for number, batch in enumerate(batches):
             loaded = [future.result() for future in loading]
             loading = submit(batches[number + 1]) if number + 1 < len(batches) else []  # prefetch
-            entries, good, images = [], [], []
-            for index, item in zip(batch, loaded):
-                if isinstance(item, DataError):
-                    if not skip_bad_records:
-                        raise DataError(f"{item} (pass --skip_bad_records to skip such records)") from item
-                    entries.append({"index": index, "id": records[index].get("id"), "skipped": str(item)})
-                else:
-                    good.append(index)
-                    images.append(item)
-            results = process(images, [records[i] for i in good]) if good else []
-            if len(results) != len(good):
-                raise RuntimeError(f"{desc}: got {len(results)} results for a batch of {len(good)} images")
-            for index, result in zip(good, results):
-                entries.append(
-                    {
-                        "index": index,
-                        "id": records[index].get("id"),
-                        "fields": result.fields,
-                        "flags": list(result.flags),
-                    }
-                )
-            partial.append(sorted(entries, key=lambda entry: entry["index"]))
-            report.processed += len(good)
+            entries, processed = _process_batch(batch, loaded, records, process, skip_bad_records, desc)
+            partial.append(entries)
+            report.processed += processed
             bar.update(len(batch))
 
-    if any(index not in partial.results for index in pending):  # stopped by max_batches
-        return _summarise(report, partial, records)
-    output = []
-    for index, record in enumerate(records):
-        entry = partial.results.get(index) if has_image(record) and needs_work(record) else None
-        output.append({**record, **entry["fields"]} if entry is not None and "fields" in entry else record)
-    write_records(out_path, output)
-    partial.remove()
-    report.complete = True
+    if all(index in partial.results for index in pending):  # not stopped by max_batches
+        output = [_merged(record, partial.results.get(index) if has_image(record) and needs_work(record) else None)
+                  for index, record in enumerate(records)]
+        write_records(out_path, output)
+        partial.remove()
+        report.complete = True
     return _summarise(report, partial, records)
+
+
+def _pending(records, partial: PartialResults, needs_work, report: JobReport) -> list[int]:
+    """Indices of the records still to process; counts the ones passed through and the ones already done."""
+    pending = []
+    for index, record in enumerate(records):
+        if not has_image(record) or not needs_work(record):
+            report.passed_through += 1
+        elif partial.finished(index, record) is None:
+            pending.append(index)
+        else:
+            report.resumed += 1
+    return pending
+
+
+def _process_batch(batch: list[int], loaded: list, records, process: ProcessFn, skip_bad_records: bool,
+                   desc: str) -> tuple[list[dict], int]:
+    """The sidecar entries of one batch (results and skipped records, in record order) and how many were processed."""
+    entries, good, images = [], [], []
+    for index, item in zip(batch, loaded):
+        if isinstance(item, DataError):
+            if not skip_bad_records:
+                raise DataError(f"{item} (pass --skip_bad_records to skip such records)") from item
+            entries.append({"index": index, "id": records[index].get("id"), "skipped": str(item)})
+        else:
+            good.append(index)
+            images.append(item)
+    results = process(images, [records[i] for i in good]) if good else []
+    if len(results) != len(good):
+        raise RuntimeError(f"{desc}: got {len(results)} results for a batch of {len(good)} images")
+    for index, result in zip(good, results):
+        entries.append({"index": index, "id": records[index].get("id"), "fields": result.fields,
+                        "flags": list(result.flags)})
+    return sorted(entries, key=lambda entry: entry["index"]), len(good)
+
+
+def _merged(record: dict, entry: dict | None) -> dict:
+    """A record with the fields its job produced (a skipped or passed-through record as it was)."""
+    return {**record, **entry["fields"]} if entry is not None and "fields" in entry else record
 
 
 def _summarise(report: JobReport, partial: PartialResults, records: Sequence[dict[str, Any]]) -> JobReport:

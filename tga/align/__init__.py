@@ -1,10 +1,12 @@
 """tga/align
 
-The pure-torch core of TGA: pooling of hidden states by token masks, the guide loss in its paper,
-released and contrastive forms, the request-token guide (tga.align.request_guide), the running caption centre, the alignment-specificity diagnostic, and
-the choice of target layers; around them `Guide` (tga.align.guide), the whole guide term of a training step (target
-source, centre, accumulation scaling, metrics), and the caption-state bank (tga.align.bank), the fixed target
-computed once. The trainer adds the guide's term to the language-modelling loss.
+The core of TGA: pooling of hidden states by token masks, the guide loss in its paper, released and contrastive
+forms, the request-token guide (tga.align.request_guide), the running caption centre, the alignment-specificity
+diagnostic, and the choice of target layers; the guide's options, typed and checked once (tga.align.guide_config);
+around them `Guide` (tga.align.guide), the whole guide term of a training step (target source, centre, accumulation
+scaling, metrics), and the caption-state bank (tga.align.bank), the fixed target computed once. The trainer adds the
+guide's term to the language-modelling loss. Under ZeRO-3 the bank gathers parameters and the shared caption pass
+marks layers for DeepSpeed; nothing else here touches DeepSpeed.
 """
 
 from tga.align.centering import CaptionCenter

@@ -25,23 +25,16 @@ import torch
 
 from tga.align.pooling import pool_layers
 from tga.errors import ConfigError
-from tga.model.text_states import supports_partial_pass, text_hidden_states
+from tga.model.text_states import caption_pass_modules, text_hidden_states
 from tga.ranks import barrier, gathered
 
 META_FILE, STATES_FILE = "bank.json", "states.npy"
 STORAGE = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}  # bfloat16: its bits, as uint16
 
 
-def target_modules(language_model, depth: int) -> list[torch.nn.Module]:
-    """The modules the caption pass runs: embeddings and layers up to `depth`, or the whole LLM (full forward)."""
-    if depth >= language_model.config.num_hidden_layers or not supports_partial_pass(language_model):
-        return [language_model]
-    return [language_model.embed_tokens, *language_model.layers[:depth]]
-
-
 def model_fingerprint(language_model, depth: int) -> str:
     """A hash of the target LLM as the caption pass sees it (configuration, and per-parameter sums read once)."""
-    parameters = [p for module in target_modules(language_model, depth) for p in module.parameters()]
+    parameters = [p for module in caption_pass_modules(language_model, depth) for p in module.parameters()]
     with gathered(parameters):
         stats = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().pow(2).sum()])
                              for p in parameters]).tolist()

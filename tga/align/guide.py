@@ -15,7 +15,7 @@ micro-batches hold different numbers of guide samples (toxic and caption-less re
 No step reads a device value back to the host: metrics are summed on the device (`DeviceMeans`) and read at logging
 steps; the specificity diagnostic is computed only on the micro-batches of a logging step.
 
-Where the caption pass runs (`--tga_caption_pass`, `tga.align.shared_pass.caption_pass_mode`): read from a bank;
+Where the caption pass runs (`--tga_caption_pass`, `GuideConfig.caption_source`): read from a bank;
 riding the training forward (`shared`: the trainer wraps its forward in `Guide.riding`, and each decoder layer takes
 the captions while it is gathered, no extra ZeRO-3 gather); or a separate pass after it (`separate`, and any call
 made outside a ridden forward).
@@ -31,59 +31,35 @@ import copy
 import logging
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import torch
 
 from tga.align.bank import open_or_build
 from tga.align.centering import CaptionCenter
+from tga.align.guide_config import GuideConfig
 from tga.align.pooling import pool_layers
 from tga.align.request_guide import request_guide_loss
-from tga.align.shared_pass import SharedCaptionPass, caption_pass_mode
+from tga.align.shared_pass import SharedCaptionPass
 from tga.align.tga_loss import guide_loss
 from tga.errors import ConfigError
-from tga.model.text_states import supports_partial_pass, text_hidden_states
+from tga.model.text_states import caption_pass_modules, text_hidden_states
 from tga.running_means import DeviceMeans
 
 logger = logging.getLogger(__name__)
 GUIDE_STATE_FILE = "tga_guide_state.safetensors"
 
 
-@dataclass
-class GuideSettings:
-    layers: list[int]
-    form: str = "paper"
-    weight: float = 1.0
-    schedule: str = "none"  # none | linear | released
-    temperature: float = 0.07
-    target: str = "live"  # live | frozen
-    center: bool = False
-    pair_weight: float | None = None  # None: the form's default (tga_loss.DEFAULT_WEIGHTS)
-    hinge_weight: float | None = None
-    center_momentum: float = 0.99
-    bank: str | None = None  # caption-state bank folder (tga.align.bank), for a target that cannot change
-    bank_dtype: str = "float16"
-    caption_pass: str = "auto"  # auto | bank | shared | separate (tga.align.shared_pass)
-
-    def __post_init__(self):
-        for option, value in (("--tga_pair_weight", self.pair_weight), ("--tga_hinge_weight", self.hinge_weight)):
-            if value is not None and not value >= 0.0:
-                raise ConfigError(f"{option}: must be >= 0, got {value}")
-        if not 0.0 <= self.center_momentum < 1.0:
-            raise ConfigError(f"--tga_center_momentum: must lie in [0, 1), got {self.center_momentum}")
-
-
 class Guide:
     """The guide term: `guide(model, hidden_states, extras, ...)` returns lambda * scale * guide loss.
 
     Args:
-        settings: the `--tga_*` options.
+        settings: the `--tga_*` options (`tga.align.guide_config`, checked when it was built).
         model: the Llava model being trained (unwrapped); its LLM is the `live` target source.
         pad_token_id: the token of the one-token caption pass of a rank without guide samples.
         always_run_all_modules: multi-rank ZeRO-3 (see the module note).
     """
 
-    def __init__(self, settings: GuideSettings, model, *, pad_token_id: int, always_run_all_modules: bool = False):
+    def __init__(self, settings: GuideConfig, model, *, pad_token_id: int, always_run_all_modules: bool = False):
         self.settings = settings
         self.layers = list(settings.layers)
         self.pad_token_id = pad_token_id
@@ -95,11 +71,9 @@ class Guide:
         self.bank = None  # opened (or built) at train start: prepare_bank
         self.bank_rows = None  # () -> [(record id, caption ids, caption mask)], set by whoever owns the data
         live = model.model.language_model
-        if settings.target == "frozen" and settings.bank is None:  # with a bank, the bank is the frozen target
-            if any(p.requires_grad for p in live.parameters()):  # a frozen LLM (stage 1) is its own frozen target
-                self.frozen_language_model = copy.deepcopy(live).eval().requires_grad_(False)
-        self.caption_pass_mode, why = caption_pass_mode(settings.caption_pass, bank=settings.bank is not None,
-                                                   frozen=self.frozen_language_model is not None, language_model=live)
+        if settings.copies_target(trains_llm=any(p.requires_grad for p in live.parameters())):
+            self.frozen_language_model = copy.deepcopy(live).eval().requires_grad_(False)
+        self.caption_pass_mode, why = settings.caption_source(live, copied_target=self.frozen_language_model is not None)
         if why:
             logger.warning("TGA caption pass: separate, not shared with the training forward: %s", why)
         self.shared = SharedCaptionPass(live, max(self.layers)) if self.caption_pass_mode == "shared" else None
@@ -184,11 +158,7 @@ class Guide:
         """Parameters the caption pass runs: the target LLM's embeddings and layers up to the deepest target layer
         (the whole LLM when the pass takes the full forward); ZeRO-3 partitions counted whole."""
         language_model = self.frozen_language_model or model.model.language_model
-        depth = max(self.layers)
-        if depth >= language_model.config.num_hidden_layers or not supports_partial_pass(language_model):
-            modules = [language_model]
-        else:
-            modules = [language_model.embed_tokens, *language_model.layers[:depth]]
+        modules = caption_pass_modules(language_model, max(self.layers))
         return sum(int(getattr(p, "ds_numel", p.numel())) for module in modules for p in module.parameters())
 
     # ---- the loss ----

@@ -18,7 +18,7 @@ hooks, so the parameters of a whole layer are live when its hook runs (without i
 each linear layer on its own). Gradient checkpointing recomputes a layer's `forward` inside backward, where module
 hooks do not run (transformers checkpoints `forward`, not `__call__`), and the pass is disarmed by then anyway.
 
-Where it cannot hold (`caption_pass_mode`): a frozen target (another module than the training forward's), a model
+Where it cannot hold (`tga.align.guide_config.GuideConfig.caption_source`): a frozen target (another module than the training forward's), a model
 family whose forward the project does not mirror (`supports_partial_pass`), or a caption-state bank.
 """
 
@@ -29,33 +29,7 @@ from functools import partial
 
 import torch
 
-from tga.errors import ConfigError
-from tga.model.text_states import layer_inputs, supports_partial_pass
-
-CAPTION_PASSES = ("auto", "bank", "shared", "separate")
-
-
-def caption_pass_mode(choice: str, *, bank: bool, frozen: bool, language_model) -> tuple[str, str | None]:
-    """(`bank` | `shared` | `separate`, why `auto` could not share: None when it could) for `--tga_caption_pass`."""
-    if choice == "bank" and not bank:
-        raise ConfigError("--tga_caption_pass bank needs --tga_bank DIR")
-    if bank:
-        if choice in ("shared", "separate"):
-            raise ConfigError(f"--tga_caption_pass {choice}: --tga_bank reads the caption states from the bank; "
-                              "drop one of the two")
-        return "bank", None
-    if choice == "separate":
-        return "separate", None
-    if frozen:
-        why = "--tga_target frozen runs a copy of the LLM, which the training forward does not run"
-    elif not supports_partial_pass(language_model):
-        why = (f"the forward of model type {language_model.config.model_type!r} is not one the project mirrors "
-               "(llama, mistral)")
-    else:
-        return "shared", None
-    if choice == "shared":
-        raise ConfigError(f"--tga_caption_pass shared: {why}")
-    return "separate", why
+from tga.model.text_states import layer_inputs
 
 
 class SharedCaptionPass:

@@ -24,6 +24,15 @@ def supports_partial_pass(language_model) -> bool:
     return getattr(language_model.config, "model_type", None) in PARTIAL_MODEL_TYPES
 
 
+def caption_pass_modules(language_model, depth: int) -> list[torch.nn.Module]:
+    """The modules a text pass to hidden state `depth` runs: the embeddings and decoder layers up to `depth`, or the
+    whole model where the pass is its full forward (the depth reaches the last layer, or the forward is not one
+    `text_hidden_states` mirrors)."""
+    if depth >= language_model.config.num_hidden_layers or not supports_partial_pass(language_model):
+        return [language_model]
+    return [language_model.embed_tokens, *language_model.layers[:depth]]
+
+
 def text_hidden_states(language_model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                        depth: int) -> tuple[torch.Tensor, ...]:
     """`hidden_states[0 .. depth]` of `language_model(input_ids, attention_mask, output_hidden_states=True)`.
@@ -38,8 +47,7 @@ def text_hidden_states(language_model, input_ids: torch.Tensor, attention_mask: 
         A tuple of depth + 1 tensors [B, T, H] (the full model's tuple when the depth reaches the last layer, whose
         state the model returns after its final norm).
     """
-    config = language_model.config
-    if depth >= config.num_hidden_layers or not supports_partial_pass(language_model):
+    if caption_pass_modules(language_model, depth) == [language_model]:
         return language_model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
                               use_cache=False).hidden_states
     embeds = language_model.embed_tokens(input_ids)

@@ -44,6 +44,12 @@ def is_vlm_checkpoint(path: str) -> bool:
         return json.load(handle).get("model_type") == "llava"
 
 
+def llm_depth(path: str) -> int:
+    """Decoder layers of the LLM at `path`, or of the LLM inside a saved VLM folder, read from its config alone."""
+    config = AutoConfig.from_pretrained(path)
+    return getattr(config, "text_config", config).num_hidden_layers
+
+
 def build_vlm(
     llm_path: str,
     vision_tower: str,

@@ -16,8 +16,8 @@ from dataclasses import asdict
 import torch
 from transformers import set_seed
 
-from tga.align import load_activation_layer, parse_layer_spec
 from tga.align.bank import caption_rows
+from tga.align.guide_config import GuideConfig
 from tga.config import check_sources, parse_config, zero_stage
 from tga.data.arrow_records import ArrowSupervisedDataset, open_records
 from tga.data.collator import VLMCollator
@@ -30,7 +30,7 @@ from tga.model.loading import no_progress_bars
 from tga.model.lora import add_lora, save_lora_model_folder
 from tga.model.tokenizer import image_token_id, load_tokenizer
 from tga.model.vision import load_image_processor
-from tga.model.vlm import build_vlm, is_vlm_checkpoint, load_vlm
+from tga.model.vlm import build_vlm, is_vlm_checkpoint, llm_depth, load_vlm
 from tga.options import config_argv
 from tga.ranks import is_main_process
 from tga.train.checkpoint import load_projector, save_model_folder, save_projector
@@ -45,7 +45,7 @@ from tga.train.resume_check import LearningRateChange, allowed_changes, append_h
 from tga.train.run_lock import claim_output_dir
 from tga.train.stages import apply_lora_stage, apply_stage, trainable_components
 from tga.train.tracking import ResolvedConfigCallback, git_revision
-from tga.train.trainer import GuideSettings, TGATrainer
+from tga.train.trainer import TGATrainer
 
 logger = logging.getLogger(__name__)
 
@@ -102,24 +102,6 @@ def build_dataset(data_args, tga_args, model, tokenizer, image_processor, traini
     return GuardedDataset(ArrowSupervisedDataset(records, builder), log, skip_bad=data_args.skip_bad_records)
 
 
-def guide_settings(tga_args, model) -> GuideSettings | None:
-    if not tga_args.tga:
-        return None
-    num_layers = model.config.text_config.num_hidden_layers
-    if tga_args.tga_layers == "auto" and tga_args.tga_activation_file is None:
-        raise ConfigError("--tga_layers auto needs --tga_activation_file (from `tga analyze activation`)")
-    activation = load_activation_layer(tga_args.tga_activation_file) if tga_args.tga_layers == "auto" else None
-    layers = parse_layer_spec(tga_args.tga_layers, num_layers, activation)
-    if not layers:
-        raise ConfigError("--tga true with no target layers: set --tga_layers")
-    return GuideSettings(layers=layers, form=tga_args.tga_form, weight=tga_args.tga_weight,
-                         schedule=tga_args.tga_schedule, temperature=tga_args.tga_temperature,
-                         target=tga_args.tga_target, center=tga_args.tga_center,
-                         pair_weight=tga_args.tga_pair_weight, hinge_weight=tga_args.tga_hinge_weight,
-                         center_momentum=tga_args.tga_center_momentum, bank=tga_args.tga_bank,
-                         bank_dtype=tga_args.tga_bank_dtype, caption_pass=tga_args.tga_caption_pass)
-
-
 def resolved_config(stage: str, argv: list[str], *arg_objects) -> dict:
     """The resolved configuration (+ git revision) of a run, as `tga_config.json` holds it."""
     resolved = {"stage": stage, "argv": argv, "git_revision": git_revision(os.path.dirname(os.path.abspath(__file__)))}
@@ -128,16 +110,8 @@ def resolved_config(stage: str, argv: list[str], *arg_objects) -> dict:
     return json.loads(json.dumps(resolved, default=str))
 
 
-def check_stage_options(components: set[str], model_args, tga_args, training_args) -> None:
-    """Contradictions between the stage's trainable parts and the TGA / LoRA options."""
-    if tga_args.tga and tga_args.tga_bank and tga_args.tga_target != "frozen" and "llm" in components:
-        raise ConfigError("--tga_bank needs a caption target that cannot change: stage 1 with the LLM frozen, or "
-                          "--tga_target frozen")
-    if (tga_args.tga and tga_args.tga_target == "frozen" and not tga_args.tga_bank and "llm" in components
-            and zero_stage(training_args) == 3):
-        raise ConfigError("--tga_target frozen copies the LLM at the start of stage 2, which ZeRO-3 has partitioned; "
-                          "use --tga_bank DIR (the frozen target's states computed once), ZeRO-2 "
-                          "(deepspeed_configs/zero2.json) or --tga_target live")
+def check_stage_options(components: set[str], model_args) -> None:
+    """Contradictions between the stage's trainable parts and the LoRA options (the guide's: `GuideConfig.for_run`)."""
     if model_args.lora_enable and "llm" not in components:
         raise ConfigError("--lora_enable is for stage 2 (finetune), where the LLM trains")
 
@@ -172,14 +146,16 @@ def run_stage(stage: str, argv: list[str]) -> str:
     components = trainable_components(stage, tune_mm_mlp_adapter=model_args.tune_mm_mlp_adapter,
                                       freeze_backbone=model_args.freeze_backbone,
                                       freeze_mm_mlp_adapter=model_args.freeze_mm_mlp_adapter)
-    check_stage_options(components, model_args, tga_args, training_args)
+    check_stage_options(components, model_args)
+    guide = GuideConfig.for_run(tga_args, num_layers=llm_depth(model_args.model_name_or_path),
+                                trains_llm="llm" in components, zero3=zero_stage(training_args) == 3)
     with claim_output_dir(training_args.output_dir):  # one run at a time per folder, until the stage ends
-        held = train_stage(stage, argv, components, model_args, data_args, tga_args, training_args)
+        held = train_stage(stage, argv, components, model_args, data_args, tga_args, training_args, guide)
     take_held_signal(held, training_args.output_dir)
     return training_args.output_dir
 
 
-def train_stage(stage, argv, components, model_args, data_args, tga_args, training_args) -> int | None:
+def train_stage(stage, argv, components, model_args, data_args, tga_args, training_args, guide_config) -> int | None:
     """Build, train and save one stage in its output folder; returns a signal held during the final save, or None."""
     output_dir = training_args.output_dir
     if is_main_process():
@@ -203,7 +179,7 @@ def train_stage(stage, argv, components, model_args, data_args, tga_args, traini
     zero3_multi_rank = training_args.world_size > 1 and bool(training_args.deepspeed)
     trainer = TGATrainer(
         model=model, args=training_args, train_dataset=dataset, data_collator=VLMCollator(tokenizer.pad_token_id),
-        processing_class=tokenizer, guide=guide_settings(tga_args, model), projector_lr=training_args.mm_projector_lr,
+        processing_class=tokenizer, guide=guide_config, projector_lr=training_args.mm_projector_lr,
         always_run_all_modules=zero3_multi_rank, callbacks=[ResolvedConfigCallback(resolved)],
     )
     if training_args.include_num_input_tokens_seen == "no":

@@ -27,13 +27,14 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from tga.align.guide import Guide, GuideSettings
+from tga.align.guide import Guide
+from tga.align.guide_config import GuideConfig
 from tga.data.sampler import ModalityLengthGroupedSampler
 from tga.train.checkpoint import load_checkpoint_weights
 from tga.train.divergence import WatchedSteps
 from tga.train.throughput import Throughput
 
-__all__ = ["BATCH_EXTRAS", "GuideSettings", "GuideStateCallback", "TGATrainer"]
+__all__ = ["BATCH_EXTRAS", "GuideConfig", "GuideStateCallback", "TGATrainer"]
 
 BATCH_EXTRAS = ("image_mask", "retrieved_mask", "guide_index", "caption_input_ids", "caption_attention_mask",
                 "caption_mask", "guide_with_retrieved", "guide_without_retrieved", "guide_ids", "request_mask",
@@ -57,7 +58,7 @@ class GuideStateCallback(TrainerCallback):
 
 
 class TGATrainer(WatchedSteps, Trainer):
-    def __init__(self, *args, guide: GuideSettings | None = None, projector_lr: float | None = None,
+    def __init__(self, *args, guide: GuideConfig | None = None, projector_lr: float | None = None,
                  always_run_all_modules: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.projector_lr = projector_lr
