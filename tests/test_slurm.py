@@ -15,7 +15,8 @@ import pytest
 
 from tga.errors import ConfigError
 from tga.train.distributed import remove_orphaned_comm_buffers
-from tga.train.slurm import expand_nodelist, launch_command
+from tga.train.slurm import launch_command
+from tga.train.slurm_allocation import expand_hostlist
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,8 +29,8 @@ def test_sbatch_scripts_parse(script):
 
 
 def test_nodelist_expansion():
-    assert expand_nodelist("gpu[01-03,07],login1") == ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]
-    assert expand_nodelist("a1,b2") == ["a1", "b2"]
+    assert expand_hostlist("gpu[01-03,07],login1") == ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]
+    assert expand_hostlist("a1,b2") == ["a1", "b2"]
 
 
 @pytest.mark.parametrize("node_id", ["0", "1"])

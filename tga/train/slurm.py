@@ -20,7 +20,6 @@ reach the launcher, which SIGKILLs its ranks 30 s after passing SIGTERM on (a fi
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -30,24 +29,11 @@ import time
 import psutil
 
 from tga.errors import ConfigError
+from tga.train.slurm_allocation import check_one_launcher_per_node, check_same_gpus_on_every_node, expand_hostlist
 
 DEFAULT_PORT = 29500
 PREEMPT_SIGNAL = signal.SIGUSR1
 RESEND_S = 5.0  # how often the preemption signal is passed on again until the ranks have exited
-
-
-def expand_nodelist(nodelist: str) -> list[str]:
-    """SLURM's compressed host list (`gpu[01-03,07],login1`) as host names, like `scontrol show hostnames`."""
-    hosts = []
-    for name, ranges in re.findall(r"([^,\[]+)(?:\[([^\]]+)\])?,?", nodelist):
-        if not ranges:
-            hosts.append(name)
-            continue
-        for part in ranges.split(","):
-            start, _, end = part.partition("-")
-            for number in range(int(start), int(end or start) + 1):
-                hosts.append(f"{name}{number:0{len(start)}d}")
-    return hosts
 
 
 def hosts_of(env: dict[str, str]) -> list[str]:
@@ -58,7 +44,7 @@ def hosts_of(env: dict[str, str]) -> list[str]:
         result = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
         if result.returncode == 0 and result.stdout.split():
             return result.stdout.split()
-    return expand_nodelist(nodelist)
+    return expand_hostlist(nodelist)
 
 
 def procs_per_node(env: dict[str, str]) -> int:
@@ -80,9 +66,13 @@ def procs_per_node(env: dict[str, str]) -> int:
 def launch_command(env: dict[str, str], script: str, args: list[str], python_bin: str = "deepspeed") -> list[str]:
     """The per-node DeepSpeed launcher command for this node of the allocation."""
     hosts = hosts_of(env)
+    check_one_launcher_per_node(env, hosts)
+    ranks = procs_per_node(env)
+    if not env.get("TGA_NPROC_PER_NODE"):
+        check_same_gpus_on_every_node(env, hosts, ranks)
     node_rank = int(env.get("SLURM_NODEID", "0"))
     port = int(env.get("MASTER_PORT", DEFAULT_PORT))
-    return [python_bin, "--num_nodes", str(len(hosts)), "--num_gpus", str(procs_per_node(env)),
+    return [python_bin, "--num_nodes", str(len(hosts)), "--num_gpus", str(ranks),
             "--node_rank", str(node_rank), "--master_addr", hosts[0], "--master_port", str(port), "--no_ssh",
             script, *args, "--resume_from_checkpoint", "auto"]
 
