@@ -1,6 +1,7 @@
 """tga/align/guide.py
 
-The TGA guide term of a training step, in one place. `Guide` owns everything around the formula of
+The TGA guide term of a training step. `Guide` reads its options from a checked `GuideConfig`
+(tga.align.guide_config) and owns everything around the formula of
 `tga.align.tga_loss`: where the caption target comes from (a no-grad text pass of the training LLM, `live`, or of a
 copy taken at stage start, `frozen`; the pass stops after the deepest target layer, `tga.model.text_states`), the
 running caption centre, the split of samples with and without retrieved text, the weight and its schedule, the

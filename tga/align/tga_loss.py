@@ -2,9 +2,10 @@
 
 The TGA guide loss on pooled per-layer states: image states I (from the training pass, with grad),
 caption states C (the caption read as text, the target) and optionally retrieved-text states R, each
-[L, B, H]. Three forms are offered: `paper` (the formula of the TGA paper, the default), `released`
+[L, B, H]. Three forms on pooled states are here: `paper` (the formula of the TGA paper, the default), `released`
 (the weighting and step decay of the released TGA code, made differentiable) and `contrastive` (batch
-InfoNCE from image to caption, which rewards concept-specific rather than shared-direction alignment).
+InfoNCE from image to caption, which rewards concept-specific rather than shared-direction alignment). The fourth
+`--tga_form`, `request`, compares tokens rather than pools (tga.align.request_guide).
 Every term is built from torch ops so that its gradient reaches the image states; the released code
 applied Python `math.exp` to tensors, which returned floats and gave its guide loss zero gradient.
 """
