@@ -110,6 +110,30 @@ def test_served_answers_are_tga_chat_greedy_answers_with_verdict_and_cost(served
     assert answers[0] != answers[2]  # two models, two answers: the columns are not one model shown twice
 
 
+def test_a_defended_column_shows_each_pass_as_it_is_decoded_then_the_final_answer(served, tiny):
+    job = served["client"].submit(gradio_client.handle_file(tiny["images"]["red"]), REQUEST, api_name="/answer")
+    _, answers, _ = columns(job.result(timeout=120), 4)
+    shown = [columns(update, 4)[1][1] for update in job.outputs()]  # a · adashield, state by state
+    prefix = "(adashield, pass 1) "
+    passes = [text[len(prefix):] for text in shown if text.startswith(prefix)]
+    assert len(set(passes)) > 1  # the pass grew piece by piece
+    assert all(answers[1].startswith(text.strip()) for text in passes) and shown[-1] == answers[1]
+
+
+def test_ecso_passes_are_shown_in_turn_and_its_answer_is_tga_chats(tiny, capsys):
+    from tga.serve.loading import build_playground
+
+    flags = ["--defense", "ecso", "--ecso_mode", "always", "--max_new_tokens", str(NEW_TOKENS)]
+    playground = build_playground(serve_args("--model", f"a={tiny['models']['a']}", *flags), log=lambda *_: None)
+    shown = [states[0] for states in playground.answer(Image.open(tiny["images"]["red"]), REQUEST)]
+    labels = [state.text.split(")")[0] for state in shown if state.text.startswith("(ecso, pass ")]
+    assert list(dict.fromkeys(labels)) == ["(ecso, pass 1", "(ecso, pass 2"]  # the caption, then the answer
+    capsys.readouterr()
+    assert main(["chat", "--model", tiny["models"]["a"], "--image", tiny["images"]["red"], *flags, REQUEST]) == 0
+    assert shown[-1].done and shown[-1].text == capsys.readouterr().out.strip()
+    assert shown[-1].cost.generations == 2
+
+
 class Recorder:
     """A ChatModel whose generate calls are recorded as start and end events (to see whether two ever overlap)."""
 

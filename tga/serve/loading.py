@@ -15,7 +15,7 @@ from typing import Any
 
 from tga.defense.dispatch import OWN_FLAGS
 from tga.errors import ConfigError
-from tga.serve.session import Playground
+from tga.serve.session import Playground, StreamingChat
 
 NAME = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
 
@@ -94,7 +94,8 @@ def build_playground(args: argparse.Namespace, *, log: Any = print) -> Playgroun
     chats, defenses = {}, {}
     for name, folder in models.items():
         log(f"loading {name} from {folder}")
-        chats[name] = load_chat(folder, device=args.device, dtype=args.dtype)
+        # the defences are built over the model as it streams, so that their columns show each pass as it is decoded
+        chats[name] = StreamingChat(load_chat(folder, device=args.device, dtype=args.dtype))
         defenses[name] = {}
         for defense in args.defense:
             if defense == "none":

@@ -4,18 +4,19 @@ The answering behind `tga serve`, testable without gradio. A `Playground` holds 
 model x defence, a column; `answer(image, request)` checks the input, then answers in every column in turn and yields
 the state of all columns after each decoded piece, so that a page can show every answer as it grows. An undefended
 column streams its tokens from the call `tga chat` makes (`tga.safety.chat.StreamedAnswer`); a defended column is
-answered by the same defence object `tga chat --defense` builds and appears whole once final, since a defence may
-generate several times. Each final answer carries the judge's verdict, the refusal-phrase flag and its cost (tokens,
-generate calls, seconds). Bad input (not an image, truncated, too large, animated, an empty or too long request)
+answered by the same defence object `tga chat --defense` builds, over a `StreamingChat` that shows each of the
+defence's generations as it is decoded ("ecso, pass 2: ..."), and then the defence's final answer. Each final answer
+carries the judge's verdict, the refusal-phrase flag and its cost (tokens, generate calls, seconds). Bad input (not an image, truncated, too large, animated, an empty or too long request)
 raises `InputError`, whose message the page shows.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +95,35 @@ def context_length(chat: Any) -> int | None:
     return getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
 
 
+class StreamingChat:
+    """A `tga.inference.ChatModel` that, while `sink` is set, hands the decoded pieces of each single-request generation
+    to it (None first: a new pass), so that a defence built over it (`build_defense(chat=...)`) can be watched pass by
+    pass. Everything else is the model's own: the defence answers exactly as over the `ChatModel`."""
+
+    def __init__(self, chat: Any) -> None:
+        self.chat = chat
+        self.sink: Callable[[str | None], None] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.chat, name)
+
+    def generate_usage(self, images: list, questions: list[str], *, max_new_tokens: int = 64,
+                       retrieved: list | None = None, streamer: Any = None) -> list:
+        sink = self.sink
+        if sink is not None and streamer is None and len(questions) == 1:  # transformers' streamers take one row
+            from transformers import TextStreamer
+
+            class PassStreamer(TextStreamer):
+                def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                    if text:
+                        sink(text)
+
+            sink(None)
+            streamer = PassStreamer(self.chat.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        return self.chat.generate_usage(images, questions, max_new_tokens=max_new_tokens, retrieved=retrieved,
+                                        streamer=streamer)
+
+
 class Playground:
     """Every model x defence, answering one (image, request) at a time.
 
@@ -161,8 +191,8 @@ class Playground:
                 usage = streamed.usage
                 text, cost = usage.text, cost_of([usage], usage.prompt_tokens)
             else:
-                yield Outcome(text=f"(answering through {column.defense}…)")
-                reply = defense([image], [request])[0]
+                yield Outcome(text=f"({column.defense}: answering…)")
+                reply = yield from self._defended(column, defense, image, request)
                 text, cost = reply.text, reply.cost
             verdict = self.judge.judge([request], [text])[0]
         except Exception as error:  # noqa: BLE001 - one column's failure is shown in it; the others still answer
@@ -171,6 +201,41 @@ class Playground:
             return
         yield Outcome(text=text, done=True, refused=self.refusals.is_refusal(text), verdict=bool(verdict), cost=cost,
                       seconds=self.clock() - start)
+
+
+    def _defended(self, column: Column, defense: Any, image: Image.Image | None, request: str
+                  ) -> Generator[Outcome, None, Any]:
+        """Run the defence in a worker thread, yielding each pass as it is decoded; returns its `Reply`."""
+        chat = self.chats[column.model]
+        if not isinstance(chat, StreamingChat):  # a defence over a plain model: its answer appears when final
+            return defense([image], [request])[0]
+        pieces: queue.Queue = queue.Queue()
+        finished = object()
+        replies: list[Any] = []
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                replies.append(defense([image], [request])[0])
+            except BaseException as error:  # noqa: BLE001 - raised again in the reading thread
+                errors.append(error)
+            finally:
+                pieces.put(finished)
+
+        chat.sink = pieces.put
+        worker = threading.Thread(target=run, name="tga-defense", daemon=True)
+        worker.start()
+        passes, text = 0, ""
+        try:
+            while (piece := pieces.get()) is not finished:
+                passes, text = (passes + 1, "") if piece is None else (passes, text + piece)
+                yield Outcome(text=f"({column.defense}, pass {passes}) {text}")
+        finally:  # a reader that stops early still waits for the model to be free again
+            worker.join()
+            chat.sink = None
+        if errors:
+            raise errors[0]
+        return replies[0]
 
 
 def verdict_line(outcome: Outcome, judge_name: str) -> str:
