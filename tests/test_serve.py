@@ -340,6 +340,38 @@ def test_the_examples_of_a_demo_run_are_its_toxic_and_benign_scenes(tmp_path):
         load_examples(str(tmp_path))
 
 
+def test_the_command_serves_until_sigterm_and_leaves_nothing_behind(tiny, tmp_path):
+    import queue
+    import signal
+
+    command = [os.path.join(os.path.dirname(sys.executable), "tga"), "serve", "--model", f"a={tiny['models']['a']}",
+               "--port", str(free_port()), "--max_new_tokens", str(NEW_TOKENS)]
+    env = {**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}  # its upload folder goes under tmp_path
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout] + [lines.put(None)],
+                     daemon=True).start()
+    console = []
+    try:
+        while not console or "open http" not in console[-1]:
+            line = lines.get(timeout=180)
+            assert line is not None, "".join(console)
+            console.append(line)
+        url = console[-1].split("open ", 1)[1].split(" ", 1)[0]
+        client = gradio_client.Client(url, verbose=False, download_files=False, analytics_enabled=False)
+        assert ask(client, tiny["images"]["red"], REQUEST)[0] == "Answered in the column."
+        assert len(list(tmp_path.glob("tga-serve-*"))) == 1
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    while (line := lines.get(timeout=30)) is not None:
+        console.append(line)
+    assert process.returncode == 0, "".join(console)
+    assert not list(tmp_path.glob("tga-serve-*"))  # the upload folder went with the server
+    # the console shows the work: what loads, the columns and where to open the page; no library noise
+    assert [line.split(" ", 2)[:2] for line in console] == [["loading", "a"], ["tga", "serve:"], ["tga", "serve:"]]
+
+
 def test_tga_help_does_not_import_gradio():
     code = "import sys; from tga.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n" \
            "print('gradio' in sys.modules)"

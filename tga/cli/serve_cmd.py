@@ -38,7 +38,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     server = Server(playground, host=args.host, port=args.port, examples=examples)
     with server as url:
-        print(f"tga serve: {len(playground.columns)} columns ({', '.join(c.label for c in playground.columns)}), "
+        print(f"tga serve: columns {', '.join(c.label for c in playground.columns)}; "
               f"judge {args.judge}, {len(examples)} examples")
         if not _is_loopback(args.host):
             print(f"tga serve: listening on {args.host}: anyone who can reach it can use the models (no login)")

@@ -50,7 +50,7 @@ def build_app(playground: Playground, examples: list[Example] | None = None) -> 
         for outcome in chain([first], states):
             done = sum(state.done for state in outcome)
             status = (f"Answering… {done} of {count} columns done." if done < count
-                      else f"Answered in all {count} columns.")
+                      else "Answered in the column." if count == 1 else f"Answered in all {count} columns.")
             # the image goes to the page first and last (an API client reads the last), not with every piece
             yield (status, image if done == count else preview, *(state.text for state in outcome),
                    *(verdict_line(state, judge_name) for state in outcome))

@@ -96,7 +96,7 @@ def answer(driver: Any, *, timeout: float = 120, screenshot: str | None = None
     from selenium.webdriver.common.by import By
 
     driver.find_element(By.CSS_SELECTOR, "#submit").click()
-    _until(driver, timeout, lambda d: "Answered in all" in d.find_element(By.ID, "status").text
+    _until(driver, timeout, lambda d: d.find_element(By.ID, "status").text.startswith("Answered in")
            or "Cannot answer" in d.find_element(By.ID, "status").text)
     labels = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "[id^=label-]")]
     answers = [driver.find_element(By.CSS_SELECTOR, f"#answer-{i} textarea").get_attribute("value")
