@@ -52,8 +52,9 @@ def make_steps(batch_size: int, folder: str):
     trainers = {name: TGATrainer(model=model, args=args, processing_class=tokenizer, guide=GuideConfig(layers=LAYERS))
                 for name in ("tga_live", "tga_bank")}
     batch = make_batch(model, batch_size, "cpu")
-    batch["guide_ids"] = [f"r{row}" for row in range(batch_size)]
-    rows = [(f"r{row}", batch["caption_input_ids"][row], batch["caption_mask"][row]) for row in range(batch_size)]
+    guide = batch["guide"]
+    guide.guide_ids = [f"r{row}" for row in range(batch_size)]
+    rows = [(f"r{row}", guide.caption_input_ids[row], guide.caption_mask[row]) for row in range(batch_size)]
     trainers["tga_bank"].guide.bank = open_or_build(os.path.join(folder, "bank"), model.model.language_model, rows,
                                                    LAYERS, dtype="float16", pad_token_id=tokenizer.pad_token_id)
     inputs = {k: batch[k] for k in ("input_ids", "labels", "attention_mask", "pixel_values")}
@@ -63,7 +64,7 @@ def make_steps(batch_size: int, folder: str):
         outputs = model(**inputs, output_hidden_states=variant != "plain")
         loss = outputs.loss
         if variant != "plain":
-            loss = loss + trainers[variant].guide.loss(model, outputs.hidden_states, batch)[0]
+            loss = loss + trainers[variant].guide.loss(model, outputs.hidden_states, guide)[0]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -66,10 +66,14 @@ def make_batch(model, batch_size: int, device: str) -> dict:
     retrieved_mask = torch.zeros_like(image_mask)
     retrieved_mask[:, 5:15] = True
     caption = torch.randint(100, 30000, (batch_size, 40), generator=generator)
+    from tga.align.batch import GuideBatch
+
     batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
-             "pixel_values": torch.randn(batch_size, 3, 336, 336, generator=generator), "image_mask": image_mask,
-             "retrieved_mask": retrieved_mask, "guide_index": torch.arange(batch_size), "caption_input_ids": caption,
-             "caption_attention_mask": torch.ones_like(caption), "caption_mask": torch.ones_like(caption, dtype=torch.bool)}
+             "pixel_values": torch.randn(batch_size, 3, 336, 336, generator=generator),
+             "guide": GuideBatch(image_mask=image_mask, retrieved_mask=retrieved_mask,
+                                 guide_index=torch.arange(batch_size), caption_input_ids=caption,
+                                 caption_attention_mask=torch.ones_like(caption),
+                                 caption_mask=torch.ones_like(caption, dtype=torch.bool))}
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -91,17 +95,17 @@ def make_steps(steps_device: str, batch_size: int):
         outputs = model(**model_inputs, output_hidden_states=variant == "tga")
         loss = outputs.loss
         if variant == "tga":
-            loss = loss + trainer.guide.loss(model, outputs.hidden_states, batch)[0]
+            loss = loss + trainer.guide.loss(model, outputs.hidden_states, batch["guide"])[0]
         elif variant == "released":
             model.set_attn_implementation("eager")
             second = model(**{k: v for k, v in model_inputs.items() if k != "labels"}, output_attentions=True,
                            output_hidden_states=True)
             model.set_attn_implementation("sdpa")
             with torch.no_grad():
-                caption = model.model.language_model(input_ids=batch["caption_input_ids"], output_hidden_states=True)
-            images = pool_layers(second.hidden_states, LAYERS, batch["image_mask"])
-            retrieved = pool_layers(second.hidden_states, LAYERS, batch["retrieved_mask"])
-            captions = pool_layers(caption.hidden_states, LAYERS, batch["caption_mask"])
+                caption = model.model.language_model(input_ids=batch["guide"].caption_input_ids, output_hidden_states=True)
+            images = pool_layers(second.hidden_states, LAYERS, batch["guide"].image_mask)
+            retrieved = pool_layers(second.hidden_states, LAYERS, batch["guide"].retrieved_mask)
+            captions = pool_layers(caption.hidden_states, LAYERS, batch["guide"].caption_mask)
             loss = loss + guide_loss(images, captions, retrieved, form="released")[0]
         loss.backward()
         optimizer.step()

@@ -88,9 +88,9 @@ def test_sample_spans_and_guide_selection(builder):
     assert tokenizer.decode(samples[0]["caption_input_ids"][samples[0]["caption_mask"]]) == "a red cup"
     batch = VLMCollator(tokenizer.pad_token_id)(samples)
     assert batch["pixel_values"].shape[0] == 2  # images stacked in sample order; text-only rows have none
-    assert batch["guide_index"].tolist() == [0]
-    assert torch.equal(batch["image_mask"], batch["input_ids"] == builder.image_token_id)
-    assert batch["image_mask"].sum().item() == 2 * 16
+    assert batch["guide"].guide_index.tolist() == [0]
+    assert torch.equal(batch["guide"].image_mask, batch["input_ids"] == builder.image_token_id)
+    assert batch["guide"].image_mask.sum().item() == 2 * 16
     lengths = [s["input_ids"].numel() for s in samples]
     for row, length in enumerate(lengths):  # right padding: attention ends where the sample ends
         assert batch["attention_mask"][row].sum().item() == length

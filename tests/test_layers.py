@@ -12,7 +12,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # bottom to top; a module may import its own layer (no cycle) and the layers below
 LAYERS = [
     {"tga.errors", "tga.options", "tga.records_io", "tga.image_io", "tga.image_jobs", "tga.ranks", "tga.running_means",
-     "tga.export_layouts", "tga.export_transformers4", "tga.tiny"},
+     "tga.export_layouts", "tga.export_transformers4", "tga.tiny",
+     "tga.align.batch"},  # the guide's part of a batch: plain data the collator fills (a layer is found bottom-up)
     {"tga.data"},
     {"tga.model"},
     {"tga.align", "tga.inference", "tga.config", "tga.retrieval", "tga.caption"},

@@ -15,6 +15,7 @@ from tiny_parts import tiny_model_and_builder
 from transformers import TrainerCallback
 
 from tga.align.bank import caption_rows, data_fingerprint, model_fingerprint, open_or_build
+from tga.align.batch import GuideBatch
 from tga.config import TrainingArguments, parse_config
 from tga.data.collator import VLMCollator
 from tga.data.records import load_records
@@ -262,8 +263,8 @@ LAYERS = [1, 2]
 
 def live_states(trainer, model, row):
     _, ids, mask = row
-    extras = {"caption_input_ids": ids[None], "caption_attention_mask": torch.ones_like(ids, dtype=torch.bool)[None],
-              "caption_mask": mask[None]}
+    extras = GuideBatch(image_mask=mask[None], retrieved_mask=mask[None], caption_input_ids=ids[None],
+                        caption_attention_mask=torch.ones_like(ids, dtype=torch.bool)[None], caption_mask=mask[None])
     return trainer.guide.caption_states(model, extras, model.config.text_config.hidden_size, "cpu")
 
 

@@ -31,7 +31,7 @@ from tga.tiny import mistral_tokenizer_file
 from tga.train.checkpoint import save_model_folder
 from tga.train.run import run_stage
 from tga.train.stages import apply_lora_stage, apply_stage, trainable_components
-from tga.train.trainer import BATCH_EXTRAS, GuideConfig, TGATrainer
+from tga.train.trainer import GuideConfig, TGATrainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values")
@@ -86,7 +86,7 @@ def trained(setup):
     trainer = TGATrainer(model=model, args=setup["args"], processing_class=setup["tokenizer"])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     batch, losses, with_grad = setup["batch"], [], []
-    keys = (*MODEL_KEYS, "labels", *BATCH_EXTRAS)
+    keys = (*MODEL_KEYS, "labels", "guide")
     model.train()
     for _ in range(8):
         loss = trainer.compute_loss(model, {k: batch[k] for k in keys if k in batch})
@@ -188,7 +188,7 @@ def test_tga_guide_gradient_reaches_lora_below_the_deepest_target_layer(setup):
                          guide=GuideConfig(layers=[1, 2]))
     batch = setup["batch"]
     hidden = model.train()(**{k: batch[k] for k in MODEL_KEYS}, output_hidden_states=True).hidden_states
-    loss, _ = trainer.guide.loss(model, hidden, batch)  # the guide loss alone: no CE
+    loss, _ = trainer.guide.loss(model, hidden, batch["guide"])  # the guide loss alone: no CE
     loss.backward()
 
     def grad(layer, kind):

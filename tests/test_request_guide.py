@@ -105,9 +105,9 @@ def test_guide_gradient_reaches_the_projector(tiny):
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}
     hidden = model(**inputs, output_hidden_states=True).hidden_states
     with torch.no_grad():
-        caption_pass = text_hidden_states(model.model.language_model, batch["caption_input_ids"],
-                                          batch["caption_attention_mask"], depth=2)
-    loss, metrics = request_guide_loss(hidden, caption_pass, batch, [1, 2])
+        caption_pass = text_hidden_states(model.model.language_model, batch["guide"].caption_input_ids,
+                                          batch["guide"].caption_attention_mask, depth=2)
+    loss, metrics = request_guide_loss(hidden, caption_pass, batch["guide"], [1, 2])
     assert loss.item() > 0 and metrics["cos_request"].shape == (2,) and metrics["cos_ic"].shape == (2,)
     loss.backward()
     projector = sum(float(p.grad.abs().sum()) for p in model.model.multi_modal_projector.parameters()
@@ -121,7 +121,7 @@ def test_a_micro_batch_without_guide_samples_gives_an_attached_zero(tiny):
     text_only = dataclasses.replace(builder, caption_target=False)
     batch = VLMCollator(builder.tokenizer.pad_token_id)([text_only.build(r) for r in records[:2]])
     hidden = [torch.randn(2, batch["input_ids"].shape[1], 8, requires_grad=True) for _ in range(3)]
-    loss, metrics = request_guide_loss(hidden, None, batch, [1, 2])
+    loss, metrics = request_guide_loss(hidden, None, batch["guide"], [1, 2])
     assert loss.item() == 0.0 and loss.requires_grad and metrics == {}
 
 

@@ -14,7 +14,7 @@ from tga.data.records import load_records
 from tga.model.vlm import build_vlm
 from tga.train.stages import apply_stage, trainable_components
 from tga.train.throughput import Throughput
-from tga.train.trainer import BATCH_EXTRAS, GuideConfig, TGATrainer
+from tga.train.trainer import GuideConfig, TGATrainer
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def guide_backward(model, tokenizer, batch, args, stage, layers):
     trainer = TGATrainer(model=model, args=args, processing_class=tokenizer, guide=GuideConfig(layers=layers))
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}
     hidden = model(**inputs, output_hidden_states=True).hidden_states
-    loss, metrics = trainer.guide.loss(model, hidden, batch)  # the guide loss alone: no CE
+    loss, metrics = trainer.guide.loss(model, hidden, batch["guide"])  # the guide loss alone: no CE
     assert loss.requires_grad and loss.grad_fn is not None
     loss.backward()
     return metrics
@@ -67,7 +67,7 @@ def test_stage2_guide_gradient_reaches_llm_layers_below_the_deepest_target(setup
 def test_toxic_and_caption_less_samples_are_outside_the_guide(setup):
     _, _, batch, _ = setup
     expected = [row for row, r in enumerate(batch["records"]) if r.image and r.caption and not r.toxic]
-    assert batch["guide_index"].tolist() == expected
+    assert batch["guide"].guide_index.tolist() == expected
     assert any(r.toxic for r in batch["records"]) and any(r.image is None for r in batch["records"])
 
 
@@ -79,10 +79,10 @@ def test_centred_guide_measures_states_minus_the_running_caption_mean(setup):
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}
     with torch.no_grad():
         hidden = model(**inputs, output_hidden_states=True).hidden_states
-        _, metrics = trainer.guide.loss(model, hidden, batch)
-        captions = trainer.guide.caption_states(model, batch, hidden[0].shape[-1], hidden[0].device)
-    index = batch["guide_index"]
-    images = pool_layers(hidden, [1, 2], batch["image_mask"])[:, index]
+        _, metrics = trainer.guide.loss(model, hidden, batch["guide"])
+        captions = trainer.guide.caption_states(model, batch["guide"], hidden[0].shape[-1], hidden[0].device)
+    index = batch["guide"].guide_index
+    images = pool_layers(hidden, [1, 2], batch["guide"].image_mask)[:, index]
     centre = captions.mean(dim=1, keepdim=True)  # the first update sets the centre to the batch mean
     assert torch.allclose(trainer.guide.center().unsqueeze(1), centre, atol=1e-6)
     expected = torch.nn.functional.cosine_similarity(images - centre, captions - centre, dim=-1).mean(dim=1)
@@ -102,9 +102,9 @@ def test_frozen_target_never_changes_while_the_model_trains(setup, tiny_assets):
                          guide=GuideConfig(layers=[1, 2], target="frozen"))
     frozen = {k: v.clone() for k, v in trainer.guide.frozen_language_model.state_dict().items()}
     live_before = {k: v.clone() for k, v in model.model.language_model.state_dict().items()}
-    target_before = trainer.guide.caption_states(model, batch, model.config.text_config.hidden_size, "cpu")
+    target_before = trainer.guide.caption_states(model, batch["guide"], model.config.text_config.hidden_size, "cpu")
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    keys = ("input_ids", "attention_mask", "pixel_values", "labels", *BATCH_EXTRAS)
+    keys = ("input_ids", "attention_mask", "pixel_values", "labels", "guide")
     for _ in range(3):
         loss = trainer.compute_loss(model, {k: batch[k] for k in keys if k in batch})
         optimizer.zero_grad()
@@ -113,10 +113,10 @@ def test_frozen_target_never_changes_while_the_model_trains(setup, tiny_assets):
     assert all(torch.equal(v, frozen[k]) for k, v in trainer.guide.frozen_language_model.state_dict().items())
     assert any(not torch.equal(v, live_before[k]) for k, v in model.model.language_model.state_dict().items())
     assert all(not p.requires_grad for p in trainer.guide.frozen_language_model.parameters())
-    target_after = trainer.guide.caption_states(model, batch, model.config.text_config.hidden_size, "cpu")
+    target_after = trainer.guide.caption_states(model, batch["guide"], model.config.text_config.hidden_size, "cpu")
     assert torch.equal(target_before, target_after)  # the target is the stage-start model's, bitwise
     trainer.guide.frozen_language_model = None  # the live target follows the trained model
-    live = trainer.guide.caption_states(model, batch, model.config.text_config.hidden_size, "cpu")
+    live = trainer.guide.caption_states(model, batch["guide"], model.config.text_config.hidden_size, "cpu")
     assert not torch.allclose(live, target_after)
 
 

@@ -36,6 +36,7 @@ from contextlib import nullcontext
 import torch
 
 from tga.align.bank import open_or_build
+from tga.align.batch import GuideBatch
 from tga.align.centering import CaptionCenter
 from tga.align.guide_config import GuideConfig
 from tga.align.pooling import pool_layers
@@ -93,7 +94,7 @@ class Guide:
         `gather` (e.g. `accelerator.gather`) sums the count over `world_size` ranks: a collective that every rank
         runs each step; the total stays on the device.
         """
-        count = sum(int(batch["guide_index"].numel()) for batch in batches if "guide_index" in batch)
+        count = sum(batch["guide"].guided for batch in batches if "guide" in batch)
         self.step_micro_batches = max(1, len(batches))
         if gather is None or world_size <= 1:
             self.step_samples, self.step_ranks = count, 1
@@ -106,14 +107,14 @@ class Guide:
         """lambda at training progress r = step / max_steps (`linear`: lambda (1 - r))."""
         return self.settings.weight * (1.0 - progress if self.settings.schedule == "linear" else 1.0)
 
-    def __call__(self, model, hidden_states, extras: dict, *, progress: float, training: bool = True,
+    def __call__(self, model, hidden_states, extras: GuideBatch, *, progress: float, training: bool = True,
                  divided_by_accumulation: bool = False, diagnostics: bool = True) -> torch.Tensor:
         """The weighted guide term of one micro-batch, to add to its CE loss; records the metrics.
 
         Args:
             model: the (unwrapped) Llava model.
             hidden_states: the training forward's `hidden_states`.
-            extras: the batch's TGA spans (`tga.data.collator`).
+            extras: the batch's guide part (`tga.align.batch.GuideBatch`, filled by the collator).
             progress: step / max_steps (the `linear` and `released` schedules).
             training: part of the optimizer step announced by `start_step` (False: evaluation, direct calls).
             divided_by_accumulation: the caller divides the whole loss by the number of micro-batches afterwards
@@ -124,7 +125,7 @@ class Guide:
         weight = self.weight(progress)
         self.metrics.add("tga/weight", weight)
         self.record(metrics)
-        micro = int(extras["guide_index"].numel()) if "guide_index" in extras else 0
+        micro = extras.guided
         if not training or self.step_samples is None:
             return weight * loss
         share = micro * self.step_ranks / (self.step_samples.clamp(min=1) if torch.is_tensor(self.step_samples)
@@ -144,11 +145,11 @@ class Guide:
                                   dtype=self.settings.bank_dtype, pad_token_id=self.pad_token_id, rank=rank,
                                   world_size=world_size, resuming=resuming)
 
-    def riding(self, extras: dict):
+    def riding(self, extras: GuideBatch):
         """Context for the training forward of a micro-batch: the shared caption pass runs inside it."""
         if self.shared is None:
             return nullcontext()
-        return self.shared.riding(extras.get("caption_input_ids"), extras.get("caption_attention_mask"))
+        return self.shared.riding(extras.caption_input_ids, extras.caption_attention_mask)
 
     # ---- cost (tga.train.cost) ----
     def caption_tokens(self) -> int:
@@ -163,31 +164,29 @@ class Guide:
         return sum(int(getattr(p, "ds_numel", p.numel())) for module in modules for p in module.parameters())
 
     # ---- the loss ----
-    def caption_states(self, model, extras: dict, hidden_size: int, device) -> torch.Tensor:
+    def caption_states(self, model, extras: GuideBatch, hidden_size: int, device) -> torch.Tensor:
         """Pooled caption states [L, G, H] from a no-grad text pass of the target LLM.
 
         With no guide sample (G = 0) the separate pass still runs on one token when every rank must run the same
         modules.
         """
         if self.bank is not None:  # the target read from the bank: no caption pass
-            ids = extras.get("guide_ids") or []
+            ids = extras.guide_ids or []
             return self.bank.lookup(ids, device) if ids else torch.zeros(len(self.layers), 0, hidden_size, device=device)
         hidden = self.caption_pass(model, extras, device)
-        if hidden is None or "caption_mask" not in extras:
+        if hidden is None or extras.caption_mask is None:
             return torch.zeros(len(self.layers), 0, hidden_size, device=device)
-        return pool_layers(hidden, self.layers, extras["caption_mask"])
+        return pool_layers(hidden, self.layers, extras.caption_mask)
 
-    def caption_pass(self, model, extras: dict, device) -> tuple[torch.Tensor, ...] | None:
+    def caption_pass(self, model, extras: GuideBatch, device) -> tuple[torch.Tensor, ...] | None:
         """Hidden states [G, Tc, H] by layer (up to the deepest target layer) of the no-grad caption pass: the states
         the ridden training forward took (shared pass), else a separate pass; None when this micro-batch has no guide
         sample and no rank needs a pass."""
         language_model = self.frozen_language_model or model.model.language_model
         if self.frozen_language_model is not None and next(language_model.parameters()).device != device:
             language_model.to(device)
-        ids = attention = None
-        if "caption_input_ids" in extras:
-            ids, attention = extras["caption_input_ids"], extras["caption_attention_mask"]
-        elif self.always_run_all_modules:  # the separate pass on one token: every rank runs the same modules
+        ids, attention = extras.caption_input_ids, extras.caption_attention_mask
+        if ids is None and self.always_run_all_modules:  # every rank runs the same modules: one token
             ids = torch.full((1, 1), self.pad_token_id, device=device)
             attention = torch.ones_like(ids, dtype=torch.bool)
         hidden = self.shared.take() if self.shared is not None else None  # None: no ridden forward (a direct call)
@@ -199,7 +198,7 @@ class Guide:
         self.caption_token_count = self.caption_token_count + attention.sum()
         return hidden
 
-    def loss(self, model, hidden_states, extras: dict, *, progress: float = 0.0,
+    def loss(self, model, hidden_states, extras: GuideBatch, *, progress: float = 0.0,
              diagnostics: bool = True) -> tuple[torch.Tensor, dict]:
         """lambda-free guide loss of the micro-batch (a mean over its guide samples) and its detached metrics.
 
@@ -209,10 +208,11 @@ class Guide:
         if self.settings.form == "request":  # tga.align.request_guide
             return request_guide_loss(hidden_states, self.caption_pass(model, extras, hidden_states[0].device),
                                       extras, self.layers)
-        images = pool_layers(hidden_states, self.layers, extras["image_mask"])
-        retrieved = pool_layers(hidden_states, self.layers, extras["retrieved_mask"])
+        images = pool_layers(hidden_states, self.layers, extras.image_mask)
+        retrieved = pool_layers(hidden_states, self.layers, extras.retrieved_mask)
         captions = self.caption_states(model, extras, images.shape[-1], images.device)
-        index = extras.get("guide_index", torch.zeros(0, dtype=torch.long, device=images.device))
+        index = extras.guide_index if extras.guide_index is not None else torch.zeros(0, dtype=torch.long,
+                                                                                      device=images.device)
         images, retrieved = images[:, index], retrieved[:, index]
         if self.center is not None:
             if self.center.mean.device != images.device:
@@ -239,12 +239,12 @@ class Guide:
         return total, metrics
 
     @staticmethod
-    def retrieved_split(extras: dict, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def retrieved_split(extras: GuideBatch, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions (within the guide samples) with and without retrieved text: the collator's index lists; a
         batch built without them is split from its mask (which reads the device)."""
-        if "guide_with_retrieved" in extras:
-            return extras["guide_with_retrieved"], extras["guide_without_retrieved"]
-        has_r = extras["retrieved_mask"][index].any(dim=1)
+        if extras.guide_with_retrieved is not None:
+            return extras.guide_with_retrieved, extras.guide_without_retrieved
+        has_r = extras.retrieved_mask[index].any(dim=1)
         return has_r.nonzero().flatten(), (~has_r).nonzero().flatten()
 
     # ---- metrics ----

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tga.align.batch import GuideBatch
 from tga.align.pooling import pool_layers
 from tga.errors import DataError
 
@@ -98,32 +99,32 @@ def request_token_loss(image_pass, caption_pass, layers: Sequence[int],
     return loss, {"cos_request": cos_request}
 
 
-def request_guide_loss(hidden_states: Sequence[Tensor], caption_pass: Sequence[Tensor] | None, extras: dict,
+def request_guide_loss(hidden_states: Sequence[Tensor], caption_pass: Sequence[Tensor] | None, extras: GuideBatch,
                        layers: Sequence[int]) -> tuple[Tensor, dict[str, Tensor]]:
     """The guide term of one micro-batch under `--tga_form request`, with the metrics the other forms log.
 
     Args:
         hidden_states: the training forward's hidden states ([B, T, H] by layer).
         caption_pass: the caption pass's hidden states of the guide samples, or None when it did not run.
-        extras: the batch's TGA spans (`guide_index`, `request_mask`, `caption_request_mask`, `image_mask`,
-            `caption_mask`; tga.data.collator).
+        extras: the batch's guide part (`guide_index`, `request_mask`, `caption_request_mask`, `image_mask`,
+            `caption_mask`; tga.align.batch).
         layers: the target layers.
 
     A micro-batch without guide samples gives an attached zero built from the same layers (under multi-rank ZeRO-3
     the autograd graph must have the same structure on every rank).
     """
     device = hidden_states[0].device
-    index = extras.get("guide_index", torch.zeros(0, dtype=torch.long, device=device))
+    index = extras.guide_index if extras.guide_index is not None else torch.zeros(0, dtype=torch.long, device=device)
     image_pass = {layer: hidden_states[layer][index] for layer in layers}
-    if caption_pass is None or "caption_request_mask" not in extras:
+    if caption_pass is None or extras.caption_request_mask is None:
         empty = torch.zeros(0, hidden_states[0].shape[1], dtype=torch.bool, device=device)
         loss, _ = request_token_loss(image_pass, image_pass, layers, empty, empty)
         return loss, {}
-    loss, metrics = request_token_loss(image_pass, caption_pass, layers, extras["request_mask"][index],
-                                       extras["caption_request_mask"])
+    loss, metrics = request_token_loss(image_pass, caption_pass, layers, extras.request_mask[index],
+                                       extras.caption_request_mask)
     with torch.no_grad():  # the image/caption cosine the other forms optimise, logged for comparison
-        images = pool_layers(hidden_states, layers, extras["image_mask"])[:, index]
-        captions = pool_layers(caption_pass, layers, extras["caption_mask"]).to(images.dtype)
+        images = pool_layers(hidden_states, layers, extras.image_mask)[:, index]
+        captions = pool_layers(caption_pass, layers, extras.caption_mask).to(images.dtype)
         metrics["cos_ic"] = F.cosine_similarity(images, captions, dim=-1).mean(dim=1)
     metrics["tga/guide_loss"] = loss.detach()
     return loss, metrics

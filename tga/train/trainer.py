@@ -34,11 +34,7 @@ from tga.train.checkpoint import load_checkpoint_weights
 from tga.train.divergence import WatchedSteps
 from tga.train.throughput import Throughput
 
-__all__ = ["BATCH_EXTRAS", "GuideConfig", "GuideStateCallback", "TGATrainer"]
-
-BATCH_EXTRAS = ("image_mask", "retrieved_mask", "guide_index", "caption_input_ids", "caption_attention_mask",
-                "caption_mask", "guide_with_retrieved", "guide_without_retrieved", "guide_ids", "request_mask",
-                "caption_request_mask")
+__all__ = ["GuideConfig", "GuideStateCallback", "TGATrainer"]
 
 
 class GuideStateCallback(TrainerCallback):
@@ -129,7 +125,9 @@ class TGATrainer(WatchedSteps, Trainer):
 
     # ---- loss ----
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        extras = {key: inputs.pop(key) for key in BATCH_EXTRAS if key in inputs}
+        extras = inputs.pop("guide", None)  # a tga.align.batch.GuideBatch, the guide's part of the batch
+        if extras is not None:
+            extras = extras.to(self.args.device)  # accelerate's loader has moved it already: then a no-op
         if self.guide is not None:
             inputs["output_hidden_states"] = True
         # the shared caption pass (tga.align.shared_pass) runs inside this forward, layer by layer
