@@ -5,7 +5,6 @@ end; the flags' mistakes are named; the demo world's scenes are the examples; `t
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -13,46 +12,25 @@ import sys
 import threading
 
 import pytest
-import torch
 from PIL import Image
+from serve_parts import NEW_TOKENS, REQUEST, serve_args, tiny_model_folders
 
-from tga.cli import main, serve_cmd
+from tga.cli import main
 from tga.errors import ConfigError
 from tga.inference import Usage
-from tga.model.tokenizer import load_tokenizer
-from tga.model.vision import load_image_processor
-from tga.model.vlm import build_vlm
 from tga.safety.judge import KeywordJudge
-from tga.tiny import make_tiny_assets
 from tga.train.distributed import free_port
 
 gradio_client = pytest.importorskip("gradio_client", reason="the serve extra is not installed (pip install -e '.[serve]')")
 
-NEW_TOKENS = 8
-REQUEST = "Describe the image."
 DEFENSES = ("none", "adashield")
-
-
-def serve_args(*argv: str) -> argparse.Namespace:
-    """`tga serve`'s flags parsed by its own parser."""
-    parser = argparse.ArgumentParser()
-    serve_cmd.register(parser.add_subparsers())
-    return parser.parse_args(["serve", *argv])
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """Two tiny random VLM folders (different weights) and test images."""
     root = tmp_path_factory.mktemp("serve")
-    assets = make_tiny_assets(str(root / "assets"), seed=0, num_images=4)
-    tokenizer = load_tokenizer(assets["llm"])
-    models = {}
-    for seed, name in ((0, "a"), (1, "b")):
-        torch.manual_seed(seed)
-        model = build_vlm(assets["llm"], assets["vision"], tokenizer, template="llava_llama_2")
-        for part in (model, tokenizer, load_image_processor(assets["vision"])):
-            part.save_pretrained(root / name)
-        models[name] = str(root / name)
+    models, assets = tiny_model_folders(root)
     images = {}
     for name, colour in (("red", (200, 10, 10)), ("blue", (10, 10, 200))):
         images[name] = str(root / f"{name}.png")

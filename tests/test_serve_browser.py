@@ -5,49 +5,28 @@ missing (CI installs chromium and chromium-driver: .ci/run)."""
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
-import torch
 from PIL import Image
+from serve_parts import NEW_TOKENS, REQUEST, serve_args, tiny_model_folders
 
-from tga.cli import serve_cmd
 from tga.safety.judge import KeywordJudge
 from tga.serve.browser import answer, ask, chromium, pick_example, requested, unavailable
-from tga.tiny import make_tiny_assets
 from tga.train.distributed import free_port
 
 pytestmark = pytest.mark.skipif(unavailable() is not None, reason=f"no headless browser: {unavailable()}")
 
-NEW_TOKENS = 8
-REQUEST = "Describe the image."
-
-
-def serve_args(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    serve_cmd.register(parser.add_subparsers())
-    return parser.parse_args(["serve", *argv])
 
 
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
     """`tga serve` on two tiny models, no defence and AdaShield, with the tiny demo world's scenes as examples."""
     from tga.demo.assets import build_assets
-    from tga.model.tokenizer import load_tokenizer
-    from tga.model.vision import load_image_processor
-    from tga.model.vlm import build_vlm
     from tga.serve.app import Server
     from tga.serve.examples import load_examples
     from tga.serve.loading import build_playground
 
     root = tmp_path_factory.mktemp("serve_browser")
-    assets = make_tiny_assets(str(root / "assets"), seed=0, num_images=4)
-    tokenizer = load_tokenizer(assets["llm"])
-    for seed, name in ((0, "a"), (1, "b")):
-        torch.manual_seed(seed)
-        model = build_vlm(assets["llm"], assets["vision"], tokenizer, template="llava_llama_2")
-        for part in (model, tokenizer, load_image_processor(assets["vision"])):
-            part.save_pretrained(root / name)
+    tiny_model_folders(root)
     build_assets(str(root / "demo" / "assets"), size="tiny", seed=0)
     examples = load_examples(str(root / "demo"))
     args = serve_args("--model", f"a={root / 'a'}", "--model", f"b={root / 'b'}", "--defense", "none", "adashield",
