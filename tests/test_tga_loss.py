@@ -375,3 +375,24 @@ def test_guide_loss_validates_inputs(kwargs, message):
     arguments = {"image_states": image, "caption_states": caption, **kwargs}
     with pytest.raises(ConfigError, match=message):
         guide_loss(**arguments)
+
+
+def test_a_form_added_to_the_registry_is_computed_by_it_with_its_defaults(monkeypatch):
+    """A new form is a terms function and one registry entry: guide_loss calls it with the centred states, the
+    cosines and its default weights, and validates only what it declares it reads."""
+    from tga.align.tga_loss import LossForm
+
+    seen = {}
+
+    def squared_distance(x):
+        seen.update(pair_weight=x.pair_weight, hinge_weight=x.hinge_weight, retrieved=x.retrieved is not None)
+        return x.pair_weight * (x.image - x.caption).pow(2).mean(), None
+
+    monkeypatch.setitem(FORMS, "squared", LossForm(squared_distance, default_weights=(3.0, 0.5)))
+    image, caption = torch.randn(2, 4, 8, requires_grad=True), torch.randn(2, 4, 8)
+    loss, metrics = guide_loss(image, caption, form="squared", step_ratio=5.0, temperature=0.0)
+    assert torch.allclose(loss, 3.0 * (image - caption).pow(2).mean())
+    assert seen == {"pair_weight": 3.0, "hinge_weight": 0.5, "retrieved": False}
+    assert float(metrics["hinge"]) == 0.0
+    loss.backward()
+    assert image.grad is not None and image.grad.abs().sum() > 0

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import transformers
 
+from tga.align import guide_config
 from tga.data.templates import ALIASES, TEMPLATES
 from tga.errors import ConfigError
 from tga.model.sources import check_file, check_model_source
@@ -83,19 +84,19 @@ class TGAArguments:
     tga: bool = option(False, "Add the TGA guide loss to the next-token loss.")
     tga_layers: str = option("10-18", 'Hidden-state indices aligned: "10-18", "10,12,14", "all" or "auto" (needs --tga_activation_file).')
     tga_activation_file: str | None = option(None, "Activation analysis JSON (tga analyze activation) used by --tga_layers auto.")
-    tga_form: str = option("paper", "Guide loss form: the paper's, the released code's, contrastive, or request (the request tokens after the image toward the same tokens after the caption; needs --tga_caption_context request).", choices=["paper", "released", "contrastive", "request"])
+    tga_form: str = option("paper", "Guide loss form: the paper's, the released code's, contrastive, or request (the request tokens after the image toward the same tokens after the caption; needs --tga_caption_context request).", choices=list(guide_config.FORMS))
     tga_weight: float = option(1.0, "lambda in L = L_CE + lambda * L_guide.")
-    tga_schedule: str = option("none", "lambda schedule: constant, linear decay to 0, or the released form's (1-r) factors.", choices=["none", "linear", "released"])
-    tga_target: str = option("live", "Caption states from the training model (no grad) or a frozen copy made at the stage start.", choices=["live", "frozen"])
+    tga_schedule: str = option("none", "lambda schedule: constant, linear decay to 0, or the released form's (1-r) factors.", choices=list(guide_config.SCHEDULES))
+    tga_target: str = option("live", "Caption states from the training model (no grad) or a frozen copy made at the stage start.", choices=list(guide_config.TARGETS))
     tga_temperature: float = option(0.07, "Temperature of the contrastive form.")
     tga_center: bool = option(False, "Subtract a running mean of the caption states before the cosines.")
     tga_guide_toxic: bool = option(False, "Also align records marked toxic (by default they never enter the guide loss).")
-    tga_caption_context: str = option("alone", "alone: the caption is the whole user turn; request: it takes the image's place in the request.", choices=["alone", "request"])
+    tga_caption_context: str = option("alone", "alone: the caption is the whole user turn; request: it takes the image's place in the request.", choices=list(guide_config.CAPTION_CONTEXTS))
     tga_pair_weight: float | None = option(None, "Weight of the image-caption term (default: the form's, 1 or 1/4 for released).")
     tga_hinge_weight: float | None = option(None, "Weight of the retrieved-text hinge term (default: the form's, 1 or 1/10 for released).")
     tga_bank: str | None = option(None, "Caption-state bank folder: caption states computed once (built if missing) where the target is fixed (stage 1, --tga_target frozen).")
-    tga_bank_dtype: str = option("float16", "Storage dtype of --tga_bank.", choices=["float16", "float32", "bfloat16"])
-    tga_caption_pass: str = option("auto", "Where the caption states come from: the bank (--tga_bank), a pass riding the training forward (shared: no extra ZeRO-3 gathers; llama/mistral, live target), or a separate pass; auto picks in that order.", choices=["auto", "bank", "shared", "separate"])
+    tga_bank_dtype: str = option("float16", "Storage dtype of --tga_bank.", choices=list(guide_config.BANK_DTYPES))
+    tga_caption_pass: str = option("auto", "Where the caption states come from: the bank (--tga_bank), a pass riding the training forward (shared: no extra ZeRO-3 gathers; llama/mistral, live target), or a separate pass; auto picks in that order.", choices=list(guide_config.CAPTION_PASSES))
     tga_center_momentum: float = option(0.99, "EMA momentum of the caption centre of --tga_center, in [0, 1).")
     # fmt: on
 

@@ -14,13 +14,13 @@ from tga.align.layers import auto_band, load_activation_layer, parse_layer_spec
 from tga.align.metrics import apply_center, cosine_matrix, paired_cosine, specificity
 from tga.align.pooling import masked_mean, pool_layers
 from tga.align.request_guide import request_spans, request_token_loss
-from tga.align.tga_loss import DEFAULT_WEIGHTS, FORMS, GuideTerms, guide_loss, guide_terms
+from tga.align.tga_loss import FORMS, GuideTerms, LossForm, guide_loss, guide_terms
 
 __all__ = [
-    "DEFAULT_WEIGHTS",
     "FORMS",
     "CaptionCenter",
     "GuideTerms",
+    "LossForm",
     "apply_center",
     "auto_band",
     "cosine_matrix",

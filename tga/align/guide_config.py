@@ -13,10 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tga.align.layers import load_activation_layer, parse_layer_spec
+from tga.align.tga_loss import FORMS as POOLED_FORMS
 from tga.errors import ConfigError
 from tga.model.text_states import supports_partial_pass
 
-FORMS = ("paper", "released", "contrastive", "request")
+FORMS = (*POOLED_FORMS, "request")  # the registry of tga_loss, and the token-level request form
 SCHEDULES = ("none", "linear", "released")
 TARGETS = ("live", "frozen")
 CAPTION_PASSES = ("auto", "bank", "shared", "separate")
@@ -35,7 +36,7 @@ class GuideConfig:
     temperature: float = 0.07
     target: str = "live"  # live | frozen
     center: bool = False
-    pair_weight: float | None = None  # None: the form's default (tga_loss.DEFAULT_WEIGHTS)
+    pair_weight: float | None = None  # None: the form's default (tga_loss.FORMS)
     hinge_weight: float | None = None
     center_momentum: float = 0.99
     bank: str | None = None  # caption-state bank folder (tga.align.bank), for a target that cannot change

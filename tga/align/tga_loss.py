@@ -12,6 +12,7 @@ applied Python `math.exp` to tensors, which returned floats and gave its guide l
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -21,9 +22,36 @@ from torch import Tensor
 from tga.align.metrics import apply_center, cosine_matrix, paired_cosine, specificity
 from tga.errors import ConfigError
 
-FORMS = ("paper", "released", "contrastive")
-# (pair weight, hinge weight) used when the caller passes None; the released code used 1/4 and 1/10.
-DEFAULT_WEIGHTS = {"paper": (1.0, 1.0), "released": (0.25, 0.1), "contrastive": (1.0, 1.0)}
+
+class FormInputs(NamedTuple):
+    """What a loss form computes its terms from: centred pooled states [L, B, H] (B >= 1), their cosines [L, B], the
+    resolved weights and the options."""
+
+    image: Tensor
+    caption: Tensor
+    retrieved: Tensor | None
+    cos_ic: Tensor
+    cos_rc: Tensor | None
+    pair_weight: float
+    hinge_weight: float
+    step_ratio: float
+    temperature: float
+
+
+class LossForm(NamedTuple):
+    """One form of the guide loss (`--tga_form NAME`, an entry of `FORMS`).
+
+    Attributes:
+        terms: the weighted pair term and hinge term (None without retrieved states) of a batch.
+        default_weights: (pair, hinge) weights used when `--tga_pair_weight` / `--tga_hinge_weight` are not given.
+        uses_step_ratio: the terms read training progress (checked to lie in [0, 1]).
+        uses_temperature: the terms read `--tga_temperature` (checked > 0).
+    """
+
+    terms: Callable[[FormInputs], tuple[Tensor, Tensor | None]]
+    default_weights: tuple[float, float] = (1.0, 1.0)
+    uses_step_ratio: bool = False
+    uses_temperature: bool = False
 
 
 class GuideTerms(NamedTuple):
@@ -52,9 +80,7 @@ def _validate(
     temperature: float,
     weights: tuple[float, float],
 ) -> None:
-    """Raise ConfigError naming the option when the inputs cannot make a guide loss."""
-    if form not in FORMS:
-        raise ConfigError(f"--tga_form: unknown guide-loss form {form!r}; choose one of {', '.join(FORMS)}")
+    """Raise ConfigError naming the option when the inputs cannot make a guide loss (`form` is a known one)."""
     where = f"guide loss (--tga_form {form})"
     if image_states.dim() != 3 or image_states.shape[0] == 0 or image_states.shape[2] == 0:
         raise ConfigError(
@@ -76,9 +102,9 @@ def _validate(
             f"{where}: the caption centre has shape {tuple(center.shape)}, expected [{num_layers}, {hidden}] "
             "(one row per --tga_layers entry)"
         )
-    if form == "released" and not 0.0 <= step_ratio <= 1.0:
+    if FORMS[form].uses_step_ratio and not 0.0 <= step_ratio <= 1.0:
         raise ConfigError(f"{where}: step_ratio must lie in [0, 1] (step / max_steps), got {step_ratio}")
-    if form == "contrastive" and not temperature > 0.0:
+    if FORMS[form].uses_temperature and not temperature > 0.0:
         raise ConfigError(f"--tga_temperature: must be > 0, got {temperature}")
     for option, value in zip(("--tga_pair_weight", "--tga_hinge_weight"), weights, strict=True):
         if not value >= 0.0:
@@ -113,7 +139,9 @@ def guide_terms(
     Returns:
         GuideTerms with both parts attached to the autograd graph.
     """
-    default_pair, default_hinge = DEFAULT_WEIGHTS.get(form, (1.0, 1.0))
+    if form not in FORMS:
+        raise ConfigError(f"--tga_form: unknown guide-loss form {form!r}; choose one of {', '.join(FORMS)}")
+    default_pair, default_hinge = FORMS[form].default_weights
     w_pair = default_pair if pair_weight is None else float(pair_weight)
     w_hinge = default_hinge if hinge_weight is None else float(hinge_weight)
     _validate(form, image_states, caption_states, retrieved_states, center, step_ratio, temperature, (w_pair, w_hinge))
@@ -129,21 +157,8 @@ def guide_terms(
         # the same backward (DDP/ZeRO expect it); the metrics come out NaN and are skipped by the logger.
         zero = image_states.float().sum() * 0.0
         return GuideTerms(pair=zero, hinge=zero.detach().clone(), cos_ic=cos_ic, cos_rc=cos_rc)
-    if form == "paper":
-        pair = w_pair * (-cos_ic).mean()
-        hinge = None if cos_rc is None else w_hinge * F.softplus(cos_rc - cos_ic).mean()
-    elif form == "released":
-        decay = 1.0 - float(step_ratio)
-        pair = w_pair * decay * torch.exp(-cos_ic).mean()
-        hinge = None if cos_rc is None else w_hinge * decay**2 * torch.exp(cos_rc - cos_ic).mean()
-    else:  # contrastive
-        if image.shape[1] < 2:
-            # One sample has no negatives: InfoNCE would be log(1) = 0 with no gradient, so use -cos(I, C).
-            pair = w_pair * (-cos_ic).mean()
-        else:
-            pair = w_pair * _info_nce(image, caption, temperature)
-        hinge = None if cos_rc is None else w_hinge * F.softplus(cos_rc - cos_ic).mean()
-
+    pair, hinge = FORMS[form].terms(FormInputs(image, caption, retrieved, cos_ic, cos_rc, w_pair, w_hinge,
+                                               float(step_ratio), temperature))
     if hinge is None:
         hinge = torch.zeros((), device=pair.device, dtype=pair.dtype)
     return GuideTerms(pair=pair, hinge=hinge, cos_ic=cos_ic, cos_rc=cos_rc)
@@ -223,3 +238,36 @@ def guide_loss(
         if terms.cos_rc is not None:
             metrics["cos_rc"] = terms.cos_rc.detach().mean(dim=1)
     return loss, metrics
+
+
+def paper_terms(x: FormInputs) -> tuple[Tensor, Tensor | None]:
+    """The TGA paper's: mean[-cos(I, C)] and mean[softplus(cos(R, C) - cos(I, C))]."""
+    pair = x.pair_weight * (-x.cos_ic).mean()
+    return pair, None if x.cos_rc is None else x.hinge_weight * F.softplus(x.cos_rc - x.cos_ic).mean()
+
+
+def released_terms(x: FormInputs) -> tuple[Tensor, Tensor | None]:
+    """The released code's, made differentiable: (1 - r) mean[exp(-cos(I, C))], (1 - r)^2 mean[exp(cos(R, C) -
+    cos(I, C))]."""
+    decay = 1.0 - x.step_ratio
+    pair = x.pair_weight * decay * torch.exp(-x.cos_ic).mean()
+    return pair, None if x.cos_rc is None else x.hinge_weight * decay**2 * torch.exp(x.cos_rc - x.cos_ic).mean()
+
+
+def contrastive_terms(x: FormInputs) -> tuple[Tensor, Tensor | None]:
+    """InfoNCE from each image to the batch's captions, and the paper's hinge."""
+    if x.image.shape[1] < 2:
+        # One sample has no negatives: InfoNCE would be log(1) = 0 with no gradient, so use -cos(I, C).
+        pair = x.pair_weight * (-x.cos_ic).mean()
+    else:
+        pair = x.pair_weight * _info_nce(x.image, x.caption, x.temperature)
+    return pair, None if x.cos_rc is None else x.hinge_weight * F.softplus(x.cos_rc - x.cos_ic).mean()
+
+
+# The forms of `--tga_form` on pooled states. A new form is a terms function and one line here (the released code used
+# the pair and hinge weights 1/4 and 1/10).
+FORMS: dict[str, LossForm] = {
+    "paper": LossForm(paper_terms),
+    "released": LossForm(released_terms, default_weights=(0.25, 0.1), uses_step_ratio=True),
+    "contrastive": LossForm(contrastive_terms, uses_temperature=True),
+}
