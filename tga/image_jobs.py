@@ -81,21 +81,12 @@ def run_image_job(
 ) -> JobReport:
     """Run `process` over every record that needs work, resumably, and write the merged records to `out_path`.
 
-    Args:
-        records: the input records (position and id identify each one in the sidecar).
-        image_folder: folder the records' `image` paths are relative to.
-        out_path: final records file (`.json` list or `.jsonl`); the sidecar is `out_path + ".partial.jsonl"`.
-        process: maps a batch of RGB images and their records to one `ItemResult` each.
-        needs_work: whether a record (which has an `image`) must be processed; others pass through.
-        header: what produces the results (options, model, input hash); a sidecar with another header is refused.
-        batch_size: records per `process` call.
-        desc: progress-bar label.
-        skip_bad_records: skip (and report) records whose image is missing, corrupt or outside the folder.
-        max_batches: stop after this many batches without writing `out_path` (the run stays resumable).
-        num_workers: threads that decode images.
-
-    Returns:
-        A `JobReport`; `complete` tells whether `out_path` was written.
+    `records` are identified in the sidecar (`out_path + ".partial.jsonl"`) by position and id; `image` paths are
+    relative to `image_folder`; `process` maps a batch of RGB images and their records to one `ItemResult` each;
+    `needs_work` says whether a record with an `image` must be processed (others pass through); a sidecar written
+    under another `header` (options, model, input hash) is refused; `skip_bad_records` skips (and reports) records
+    whose image is missing, corrupt or outside the folder; `max_batches` stops early without writing `out_path` (the
+    run stays resumable); `num_workers` threads decode images. Returns a `JobReport` (`complete`: written).
     """
     require_batch_size(batch_size)
     if max_batches is not None and max_batches < 1:
