@@ -1,6 +1,7 @@
 """Arrow-backed records: the same samples, in the same order, with the same tokens as the in-memory path; errors that
 name the record and the file; saved dataset folders as `--data_path`; the cache; dataloader workers."""
 
+import dataclasses
 import json
 import os
 
@@ -144,10 +145,18 @@ def test_dataloader_workers_give_the_same_batches(tiny_assets, tmp_path):
     batches = [list(loader) for loader in loaders]
     assert len(batches[0]) == len(batches[1]) == 4
     for plain, parallel in zip(*batches, strict=True):
-        assert plain.keys() == parallel.keys() and "pixel_values" in plain
-        for key in plain:  # tensors, and the guide samples' record ids (a list: the caption-state bank's rows)
+        plain, parallel = flat(plain), flat(parallel)
+        assert plain.keys() == parallel.keys() and "pixel_values" in plain and "guide.guide_ids" in plain
+        for key in plain:  # tensors, None, and the guide samples' record ids (a list: the caption-state bank's rows)
             same = torch.equal(plain[key], parallel[key]) if torch.is_tensor(plain[key]) else plain[key] == parallel[key]
             assert same, key
+
+
+def flat(batch: dict) -> dict:
+    """A collated batch with its GuideBatch spread into `guide.<field>` entries."""
+    guide = batch["guide"]
+    return {**{k: v for k, v in batch.items() if k != "guide"},
+            **{f"guide.{f.name}": getattr(guide, f.name) for f in dataclasses.fields(guide)}}
 
 
 def test_images_decode_in_workers_through_the_trainer(tiny_assets, tmp_path):

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 
-@dataclass
+@dataclass(eq=False)  # tensors have no single truth value: compare fields, not batches
 class GuideBatch:
     """The guide's part of a batch of B rows (T tokens), G of which enter the guide (non-toxic, with a caption).
 
