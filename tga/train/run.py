@@ -148,7 +148,8 @@ def run_stage(stage: str, argv: list[str]) -> str:
                                       freeze_mm_mlp_adapter=model_args.freeze_mm_mlp_adapter)
     check_stage_options(components, model_args)
     guide = GuideConfig.for_run(tga_args, num_layers=llm_depth(model_args.model_name_or_path),
-                                trains_llm="llm" in components, zero3=zero_stage(training_args) == 3)
+                                trains_llm="llm" in components,
+                                zero3=zero_stage(training_args) == 3) if tga_args.tga else None
     with claim_output_dir(training_args.output_dir):  # one run at a time per folder, until the stage ends
         held = train_stage(stage, argv, components, model_args, data_args, tga_args, training_args, guide)
     take_held_signal(held, training_args.output_dir)
